@@ -1,0 +1,216 @@
+"""The frozen result of inference: spaces, members, barriers, and views of them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from .layout import Layout, Plain, describe, layout_size, spaces_of
+
+
+@dataclass(frozen=True)
+class Member:
+    """Axis ``axis`` of parameter/buffer ``fqn`` is governed by ``layout``.
+
+    role ``out``: the entries along the axis belong to units (merge with M);
+    role ``in``: the axis consumes units (unmerge with U). ``groups > 1`` marks the short
+    input axis of a grouped conv: it holds within-group indices whose group is given by
+    the tensor's other governed axis."""
+    fqn: str
+    axis: int
+    layout: Layout
+    role: str
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where the activations of a space can be read: axis ``axis`` of node ``node``'s
+    output, laid out by ``layout``. ``proj`` = (weight fqn, bias fqn or None, row start,
+    row stop, bias start) means the features are ``F.linear(value, W[start:stop], b[bias
+    start:...])`` (packed projections inside leaf modules such as nn.MultiheadAttention)."""
+    node: str
+    axis: int
+    layout: Layout
+    proj: Optional[tuple[str, Optional[str], int, int, int]] = None
+
+
+@dataclass(frozen=True)
+class Barrier:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Space:
+    """A set of units that share one permutation (per model).
+
+    ``blocks = (G, g)``: the units form G blocks of g; valid permutations move whole blocks
+    by the permutation of head space ``head`` (shared by every space tied to it) and permute
+    within each block freely, or not at all when ``within == "identity"``."""
+    id: int
+    size: int
+    kind: str                       # "unit" or "head"
+    fixed: bool
+    fixed_by: tuple[str, ...]
+    blocks: Optional[tuple[int, int]] = None
+    head: Optional[int] = None
+    within: str = "free"
+    members: tuple[Member, ...] = ()
+
+    @property
+    def reaches_output(self) -> bool:
+        return any(r.startswith("output") for r in self.fixed_by)
+
+
+@dataclass(frozen=True)
+class PermutationGraph:
+    """What ``infer`` found: the permutation symmetry of one traced model.
+
+    ``spaces[i].id == i``. ``members`` lists every governed parameter axis once.
+    ``producers`` are the output layouts of weight-carrying ops (for coverage)."""
+    spaces: tuple[Space, ...]
+    members: tuple[Member, ...]
+    barriers: tuple[Barrier, ...]
+    in_taps: tuple[Tap, ...]
+    out_taps: tuple[Tap, ...]
+    producers: tuple[tuple[str, Layout], ...]
+    params: tuple[str, ...]                       # canonical fqns of all floating params/buffers
+    aliases: tuple[tuple[str, str], ...]          # (tied fqn, canonical fqn)
+    gm: fx.GraphModule = field(repr=False, compare=False)
+
+    # -- queries ----------------------------------------------------------------------
+    def size(self, s: int) -> int:
+        return self.spaces[s].size
+
+    def is_free(self, s: int) -> bool:
+        sp = self.spaces[s]
+        if sp.fixed or sp.size <= 1:
+            return False
+        if sp.blocks is None:
+            return True
+        G, g = sp.blocks
+        head_free = sp.head is not None and not self.spaces[sp.head].fixed and G > 1
+        return head_free or (sp.within == "free" and g > 1)
+
+    @property
+    def free_spaces(self) -> tuple[int, ...]:
+        return tuple(s.id for s in self.spaces if self.is_free(s.id))
+
+    def members_of(self, fqn: str) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.fqn == fqn)
+
+    def ties(self) -> dict[int, tuple[int, ...]]:
+        """head space -> the blocked unit spaces that share its block permutation."""
+        out: dict[int, list[int]] = {}
+        for s in self.spaces:
+            if s.head is not None:
+                out.setdefault(s.head, []).append(s.id)
+        return {h: tuple(v) for h, v in out.items()}
+
+    def coverage(self) -> float:
+        """Fraction of hidden producer output units (not reaching a model output) that lie
+        in free spaces."""
+        free = total = 0
+        for _, layout in self.producers:
+            for unit_space, n in _leaf_units(layout, self.size):
+                if unit_space is not None and self.spaces[unit_space].reaches_output:
+                    continue
+                total += n
+                if unit_space is not None and self.is_free(unit_space):
+                    free += n
+        return free / total if total else 1.0
+
+    # -- views ------------------------------------------------------------------------
+    def summary(self) -> str:
+        lines = [f"PermutationGraph: {len(self.spaces)} spaces ({len(self.free_spaces)} free), "
+                 f"{len(self.members)} members, {len(self.barriers)} barriers, coverage {self.coverage():.3f}"]
+        lines.append(f"{'space':>6} {'size':>6} {'kind':<5} {'structure':<18} {'status':<7} members")
+        for s in self.spaces:
+            struct = "-" if s.blocks is None else f"blocks{s.blocks} H{s.head}" + (" within=id" if s.within != "free" else "")
+            status = "free" if self.is_free(s.id) else "fixed"
+            mem = ", ".join(f"{m.fqn}[{m.axis}]{'' if m.role == 'out' else '<in>'}" for m in s.members[:6])
+            if len(s.members) > 6:
+                mem += f", ... (+{len(s.members) - 6})"
+            lines.append(f"{'S' + str(s.id):>6} {s.size:>6} {s.kind:<5} {struct:<18} {status:<7} {mem}")
+            if s.fixed and s.fixed_by:
+                lines.append(f"{'':>6} fixed by: {'; '.join(sorted(s.fixed_by)[:3])}")
+        if self.barriers:
+            lines.append("barriers:")
+            for b in self.barriers:
+                lines.append(f"  {b.node} ({b.op}): {b.reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "coverage": self.coverage(),
+            "spaces": [{
+                "id": s.id, "size": s.size, "kind": s.kind, "free": self.is_free(s.id), "fixed": s.fixed,
+                "fixed_by": list(s.fixed_by), "blocks": list(s.blocks) if s.blocks else None,
+                "head": s.head, "within": s.within,
+                "members": [{"param": m.fqn, "axis": m.axis, "role": m.role, "groups": m.groups,
+                             "layout": describe(m.layout)} for m in s.members],
+            } for s in self.spaces],
+            "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in self.barriers],
+            "tied_params": [list(a) for a in self.aliases],
+        }
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_networkx(self):
+        """Bipartite graph: space nodes ("S3") and parameter nodes ("p:layer1.weight"),
+        edges labelled with axis and role; barrier nodes ("b:node") link to the spaces they fix."""
+        import networkx as nx
+        g = nx.MultiGraph()
+        for s in self.spaces:
+            g.add_node(f"S{s.id}", kind="space", size=s.size, free=self.is_free(s.id),
+                       blocks=s.blocks, head=s.head)
+            if s.head is not None:
+                g.add_edge(f"S{s.id}", f"S{s.head}", kind="head")
+        for m in self.members:
+            g.add_node(f"p:{m.fqn}", kind="param")
+            for sid in set(spaces_of(m.layout)):
+                g.add_edge(f"p:{m.fqn}", f"S{sid}", axis=m.axis, role=m.role, layout=describe(m.layout))
+        for b in self.barriers:
+            g.add_node(f"b:{b.node}", kind="barrier", op=b.op, reason=b.reason)
+        return g
+
+    def to_dot(self) -> str:
+        """Graphviz DOT: spaces as boxes (green free, grey fixed), parameters as ellipses."""
+        out = ["graph permutation_graph {", '  rankdir=LR; node [fontsize=10];']
+        for s in self.spaces:
+            color = "palegreen" if self.is_free(s.id) else "lightgrey"
+            struct = "" if s.blocks is None else f"\\nblocks {s.blocks[0]}x{s.blocks[1]}"
+            out.append(f'  S{s.id} [shape=box, style=filled, fillcolor={color}, '
+                       f'label="S{s.id} ({s.kind})\\nn={s.size}{struct}"];')
+            if s.head is not None:
+                out.append(f'  S{s.id} -- S{s.head} [style=dashed, label="heads"];')
+        for fqn in dict.fromkeys(m.fqn for m in self.members):
+            out.append(f'  "{fqn}" [shape=ellipse];')
+        for m in self.members:
+            for sid in sorted(set(spaces_of(m.layout))):
+                style = "solid" if m.role == "out" else "dotted"
+                out.append(f'  "{m.fqn}" -- S{sid} [style={style}, label="{m.axis}"];')
+        for b in self.barriers:
+            out.append(f'  "barrier:{b.node}" [shape=octagon, style=filled, fillcolor=salmon, '
+                       f'label="{b.node}\\n{b.op}"];')
+        out.append("}")
+        return "\n".join(out)
+
+
+def _leaf_units(layout: Layout, size) -> list[tuple[Optional[int], int]]:
+    """(space or None for fixed, number of axis indices) for each leaf of a layout."""
+    from .layout import Concat, Fixed, Kron
+    if isinstance(layout, Plain):
+        return [(layout.space, size(layout.space))]
+    if isinstance(layout, Fixed):
+        return [(None, layout.n)]
+    if isinstance(layout, Concat):
+        return [u for p in layout.parts for u in _leaf_units(p, size)]
+    assert isinstance(layout, Kron)
+    rep = layout.outer * layout.inner_rep
+    return [(s, n * rep) for s, n in _leaf_units(layout.inner, size)]

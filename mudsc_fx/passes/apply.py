@@ -1,0 +1,115 @@
+"""Transform parameters through the permutation graph.
+
+:func:`transform_params` is the one place where per-space operations meet parameter
+tensors; permuting a model (``apply_permutations``) and merging models (``rewrite``) are
+both thin callers of it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ir.graph import Member, PermutationGraph
+from ..ir.layout import transform_axis
+
+# space_op(space id, tensor, axis, role) -> tensor with that axis transformed
+SpaceOp = Callable[[int, torch.Tensor, int, str], torch.Tensor]
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(dict(model.named_buffers(remove_duplicate=False)))
+    return out
+
+
+def _expand_grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[A, a, ...] holding g diagonal blocks -> dense [A, a*g, ...] (zeros off the blocks)."""
+    A, a = t.shape[0], t.shape[1]
+    per = A // groups
+    dense = t.new_zeros((A, a * groups) + tuple(t.shape[2:]))
+    for h in range(groups):
+        dense[h * per:(h + 1) * per, h * a:(h + 1) * a] = t[h * per:(h + 1) * per]
+    return dense
+
+
+def _compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    A, a = dense.shape[0], dense.shape[1] // groups
+    per = A // groups
+    return torch.cat([dense[h * per:(h + 1) * per, h * a:(h + 1) * a] for h in range(groups)], dim=0)
+
+
+def transform_tensor(t: torch.Tensor, members: tuple[Member, ...], op: SpaceOp,
+                     space_size: Callable[[int], int]) -> torch.Tensor:
+    grouped = [m for m in members if m.groups > 1]
+    if grouped:
+        if len(grouped) > 1 or grouped[0].axis != 1:
+            raise ValueError(f"unsupported grouped layout on {grouped[0].fqn}")
+        t = _expand_grouped(t, grouped[0].groups)
+    for m in members:
+        t = transform_axis(t, m.axis, m.layout, lambda s, x, ax, _r=m.role: op(s, x, ax, _r), space_size)
+    if grouped:
+        t = _compress_grouped(t, grouped[0].groups)
+    return t
+
+
+def transform_params(pg: PermutationGraph, tensors: Mapping[str, torch.Tensor], op: SpaceOp) -> dict[str, torch.Tensor]:
+    """New tensors for every parameter/buffer with members (others are not returned)."""
+    by_fqn: dict[str, list[Member]] = {}
+    for m in pg.members:
+        by_fqn.setdefault(m.fqn, []).append(m)
+    out = {}
+    for fqn, members in by_fqn.items():
+        out[fqn] = transform_tensor(tensors[fqn], tuple(sorted(members, key=lambda m: m.axis)), op, pg.size)
+    return out
+
+
+def load_tensors(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
+    """Write tensors into ``model`` in place (shapes may change, e.g. after a zip merge)."""
+    own = named_tensors(model)
+    with torch.no_grad():
+        for fqn, t in new.items():
+            tgt = own[fqn]
+            if tgt.shape == t.shape:
+                tgt.copy_(t.to(tgt.dtype))
+            else:
+                tgt.data = t.to(tgt.dtype).clone()
+
+
+def permutation_op(perms: Mapping[int, np.ndarray]) -> SpaceOp:
+    """perm[new index] = old index, per space; spaces without an entry stay put."""
+    cache = {s: torch.as_tensor(np.asarray(p), dtype=torch.long) for s, p in perms.items()}
+
+    def op(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
+        idx = cache.get(s)
+        return t if idx is None else t.index_select(axis, idx.to(t.device))
+    return op
+
+
+def apply_permutations(model: nn.Module, pg: PermutationGraph, perms: Mapping[int, np.ndarray]) -> nn.Module:
+    """A permuted copy of ``model`` (the input is not modified)."""
+    out = copy.deepcopy(model)
+    load_tensors(out, transform_params(pg, named_tensors(out), permutation_op(perms)))
+    return out
+
+
+def random_permutations(pg: PermutationGraph, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """A uniformly drawn valid permutation of every free space, respecting blocks and ties."""
+    perms: dict[int, np.ndarray] = {}
+    for s in pg.spaces:
+        if s.kind == "head" and not s.fixed and s.size > 1:
+            perms[s.id] = rng.permutation(s.size)
+    for s in pg.spaces:
+        if s.kind == "head" or s.fixed or s.size <= 1:
+            continue
+        if s.blocks is None:
+            perms[s.id] = rng.permutation(s.size)
+            continue
+        G, g = s.blocks
+        sigma = perms.get(s.head, np.arange(G))
+        within = [np.arange(g) if s.within != "free" else rng.permutation(g) for _ in range(G)]
+        perms[s.id] = np.concatenate([sigma[b] * g + within[b] for b in range(G)])
+    return perms

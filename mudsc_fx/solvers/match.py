@@ -1,0 +1,433 @@
+"""Matching solvers Psi (ALGORITHMS.md, "Matching Psi"): pure numpy/scipy, no torch.
+
+Units of N models are stacked: in an (N n, N n) similarity C, model i owns rows i*n:(i+1)*n.
+Permutation conventions: ``perms[i][k]`` is the unit of model i matched to anchor unit k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "align", "zip_match", "zip_match_reference", "matrices_from_perms",
+    "matrices_from_labels", "GroupAlignment", "group_align", "group_zip",
+]
+
+_NEG = -np.inf
+
+
+def _units_per_model(C: np.ndarray, n_models: int) -> int:
+    if C.ndim != 2 or C.shape[0] != C.shape[1] or n_models < 1 or C.shape[0] % n_models:
+        raise ValueError(f"similarity of shape {C.shape} is not (N n, N n) for N = {n_models}")
+    return C.shape[0] // n_models
+
+
+def align(C: np.ndarray, n_models: int) -> list[np.ndarray]:
+    """Permutation matching to the anchor (model 0), one linear assignment per model.
+
+    >>> C = np.array([[1., 0., 0., 1.], [0., 1., 1., 0.], [0., 1., 1., 0.], [1., 0., 0., 1.]])
+    >>> [p.tolist() for p in align(C, 2)]
+    [[0, 1], [1, 0]]
+    """
+    C = np.asarray(C, dtype=np.float64)
+    n = _units_per_model(C, n_models)
+    perms = [np.arange(n)]
+    for i in range(1, n_models):
+        _, cols = linear_sum_assignment(C[:n, i * n:(i + 1) * n], maximize=True)
+        perms.append(cols.astype(np.int64))
+    return perms
+
+
+# ---------------------------------------------------------------- zip (ZipIt greedy)
+#
+# Semantics shared by both implementations. A cluster is represented by its smallest member
+# unit index r (merging j into i keeps min(i, j)), and "the model of a cluster" is r // n, the
+# model of that smallest member. This is what the public ZipIt code does implicitly (the merged
+# column keeps the lower matrix position and its origin tag), so a pair is same-model iff the
+# two clusters' smallest members come from one model, and the budget charged is that model's.
+# A budget of 0 masks the model from the start (ZipIt's code lets one such merge through).
+# The input is symmetrised as (C + C^T) / 2 (exact for a symmetric C); ties go to the pair
+# with the lowest flat index (r, c), r < c, as np.argmax over the matrix does.
+
+
+def _zip_setup(C, n_models, target, b):
+    C = np.asarray(C, dtype=np.float64)
+    n = _units_per_model(C, n_models)
+    m = C.shape[0]
+    target = n if target is None else int(target)
+    if not 1 <= target <= m:
+        raise ValueError(f"zip target {target} outside [1, {m}]")
+    S = np.empty_like(C)
+    B = 512  # blocked transpose: a plain C + C.T is cache-hostile at n = 4096
+    for i in range(0, m, B):
+        for j in range(i, m, B):
+            blk = C[i:i + B, j:j + B] + C[j:j + B, i:i + B].T
+            if not np.isfinite(blk).all():
+                raise ValueError("zip: similarity contains nan or inf")
+            blk *= 0.5
+            S[i:i + B, j:j + B] = blk
+            S[j:j + B, i:i + B] = blk.T
+    np.fill_diagonal(S, _NEG)
+    budget = int(b * (m - target) / n_models + 1e-9)
+    if budget <= 0:
+        for t in range(n_models):
+            S[t * n:(t + 1) * n, t * n:(t + 1) * n] = _NEG
+    return S, n, target, budget
+
+
+def _merge_into(S, p, q, alive, a):
+    """Merged similarity row of cluster p after absorbing q (alive[q] already False)."""
+    if a > 0:
+        row = np.minimum(S[p], S[q])
+        row *= a
+        row[~alive] = _NEG
+    else:  # a <= 0: the merged cluster may not merge again
+        row = np.full(S.shape[0], _NEG)
+    row[p] = _NEG
+    S[p] = row
+    S[:, p] = row
+
+
+def _mask_model(S, t, n, alive):
+    live = np.flatnonzero(alive[t * n:(t + 1) * n]) + t * n
+    S[np.ix_(live, live)] = _NEG
+
+
+def _labels_from_parents(parent: np.ndarray) -> np.ndarray:
+    root = parent.copy()
+    while True:  # pointer jumping; parent[q] < q, so this terminates
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    _, labels = np.unique(root, return_inverse=True)  # ordered by smallest member
+    return labels.astype(np.int64)
+
+
+def _no_pair_error(done, need):
+    return ValueError(f"zip: no mergeable pair left after {done} of {need} merges "
+                      "(a <= 0 or exhausted same-model budgets); raise a, b or target")
+
+
+def zip_match_reference(C: np.ndarray, n_models: int, target: int | None = None,
+                        a: float = 0.5, b: float = 1.0) -> np.ndarray:
+    """ZipIt greedy, naive O(n^3) loop (argmax over the whole matrix per merge).
+
+    >>> C = np.array([[1., .2, .9, .1], [.2, 1., .1, .8], [.9, .1, 1., .3], [.1, .8, .3, 1.]])
+    >>> zip_match_reference(C, 2).tolist()
+    [0, 1, 0, 1]
+    """
+    S, n, target, budget = _zip_setup(C, n_models, target, b)
+    m = S.shape[0]
+    alive = np.ones(m, dtype=bool)
+    parent = np.arange(m)
+    spent = np.zeros(n_models, dtype=np.int64)
+    for step in range(m - target):
+        p, q = divmod(int(np.argmax(S)), m)  # S symmetric: first maximum has p < q
+        if S[p, q] == _NEG:
+            raise _no_pair_error(step, m - target)
+        alive[q] = False
+        parent[q] = p
+        _merge_into(S, p, q, alive, a)
+        S[q] = _NEG
+        S[:, q] = _NEG
+        if p // n == q // n:
+            spent[p // n] += 1
+            if spent[p // n] >= budget:
+                _mask_model(S, p // n, n, alive)
+    return _labels_from_parents(parent)
+
+
+# Chunk sizes of a row's sorted candidate list: the first chunk after a row is (re)created is
+# its argmax; each exhausted chunk is refilled with the next, larger one, so a row costs at most
+# len(_CHUNKS) O(m) passes per creation: O(m^2 log m) overall even when every row's favourite
+# partners keep being merged away (a dominant shared factor in the similarity).
+_CHUNKS = (1, 32, 1024, None)
+
+
+class _FastZip:
+    """Lazy-invalidation greedy: each live row keeps a sorted chunk of candidate partners and a
+    head; a candidate (r, c) read at time f is valid iff c is alive, c has not changed since f
+    and the pair is not budget-masked. The row created last of the two always still holds a
+    valid entry for a pair, so the best head is the global best pair."""
+
+    def __init__(self, S, n, n_models, a, budget):
+        m = S.shape[0]
+        self.S, self.n, self.a, self.budget, self.m = S, n, a, budget, m
+        self.idx = np.arange(m)
+        self.model = self.idx // n
+        self.alive = np.ones(m, dtype=bool)
+        self.parent = np.arange(m)
+        self.ver = np.zeros(m, dtype=np.int64)      # step at which a cluster last changed
+        self.ctime = np.zeros(m, dtype=np.int64)    # step at which a row's chunk was read
+        self.level = np.ones(m, dtype=np.int64)     # next chunk size index
+        self.spent = np.zeros(n_models, dtype=np.int64)
+        self.masked = np.full(n_models, budget <= 0)
+        self.step = 0
+        self.hc = np.argmax(S, axis=1)              # first chunk: the row's best, lowest col
+        self.hv = S[self.idx, self.hc]
+        self.thr_v = self.hv.copy()                 # key (value, col) of a chunk's last entry
+        self.thr_c = self.hc.copy()
+        self.pool = self.hc.astype(np.int32)
+        self.ptr = self.idx.copy()
+        self.pend = self.idx + 1
+        self.used = m
+        empty = self.hv == _NEG
+        self.hc[empty] = -1
+        self.ptr[empty] = self.pend[empty]
+
+    def _append(self, r, cols):
+        self.ptr[r] = self.pend[r] = 0
+        k = cols.size
+        if self.used + k > self.pool.size:
+            live = np.flatnonzero(self.alive & (self.pend > self.ptr))
+            lens = self.pend[live] - self.ptr[live]
+            total = int(lens.sum())
+            starts = np.cumsum(lens) - lens
+            src = np.repeat(self.ptr[live] - starts, lens) + np.arange(total)
+            pool = np.empty(max(2 * (total + k), 1024), dtype=np.int32)
+            pool[:total] = self.pool[src]
+            self.ptr[:] = self.pend[:] = 0
+            self.ptr[live], self.pend[live] = starts, starts + lens
+            self.pool, self.used = pool, total
+        self.pool[self.used:self.used + k] = cols
+        self.ptr[r], self.pend[r] = self.used, self.used + k
+        self.used += k
+
+    def _refill(self, r):
+        """Next chunk of row r: live candidates whose key comes after the last chunk's."""
+        size = _CHUNKS[min(self.level[r], len(_CHUNKS) - 1)]
+        self.level[r] += 1
+        v = self.S[r]
+        tv, tc = self.thr_v[r], self.thr_c[r]
+        cand = v < tv
+        if tv != _NEG:
+            cand |= (v == tv) & (self.idx > tc)
+        cand &= self.alive
+        cand &= v != _NEG
+        cols = np.flatnonzero(cand)
+        if size is not None and cols.size > size:
+            vals = v[cols]
+            kth = cols.size - size
+            cols = cols[vals >= np.partition(vals, kth)[kth]]  # keeps ties at the boundary
+        cols = cols[np.lexsort((cols, -v[cols]))]
+        self.ctime[r] = self.step
+        if cols.size == 0:
+            self.ptr[r] = self.pend[r] = 0
+            return
+        self.thr_v[r], self.thr_c[r] = v[cols[-1]], cols[-1]
+        self._append(r, cols)
+
+    def _settle(self, rows):
+        """Move each row's head to its first valid candidate, refilling chunks as needed."""
+        while rows.size:
+            exhausted = self.ptr[rows] >= self.pend[rows]
+            if exhausted.any():
+                for r in rows[exhausted]:
+                    self._refill(r)
+                empty = self.ptr[rows] >= self.pend[rows]
+                self.hv[rows[empty]] = _NEG
+                self.hc[rows[empty]] = -1
+                rows = rows[~empty]
+            c = self.pool[self.ptr[rows]].astype(np.int64)
+            ok = self.alive[c] & (self.ver[c] <= self.ctime[rows])
+            ok &= ~(self.masked[self.model[rows]] & (self.model[c] == self.model[rows]))
+            good = rows[ok]
+            self.hc[good] = c[ok]
+            self.hv[good] = self.S[good, c[ok]]
+            rows = rows[~ok]
+            self.ptr[rows] += 1
+
+    def _best_pair(self):
+        vmax = self.hv.max()
+        if vmax == _NEG:
+            return None
+        rows = np.flatnonzero(self.hv == vmax)
+        lo = np.minimum(rows, self.hc[rows])
+        hi = np.maximum(rows, self.hc[rows])
+        k = np.lexsort((hi, lo))[0] if rows.size > 1 else 0
+        return int(lo[k]), int(hi[k])
+
+    def run(self, n_merges):
+        for step in range(1, n_merges + 1):
+            pair = self._best_pair()
+            if pair is None:
+                raise _no_pair_error(step - 1, n_merges)
+            p, q = pair
+            self.step = step
+            self.alive[q] = False
+            self.parent[q] = p
+            self.ver[p] = step
+            self.hv[q], self.hc[q] = _NEG, -1
+            _merge_into(self.S, p, q, self.alive, self.a)
+            stale = [np.flatnonzero((self.hc == p) | (self.hc == q))]
+            t = p // self.n
+            if t == q // self.n:
+                self.spent[t] += 1
+                if self.spent[t] >= self.budget and not self.masked[t]:
+                    _mask_model(self.S, t, self.n, self.alive)
+                    self.masked[t] = True
+                    rows = np.flatnonzero((self.model == t) & (self.hc >= 0))
+                    stale.append(rows[self.model[self.hc[rows]] == t])
+            # p's row is new: restart its chunk list from the top
+            self.level[p], self.thr_v[p], self.thr_c[p] = 0, np.inf, -1
+            self.ptr[p] = self.pend[p] = 0
+            stale.append(np.array([p]))
+            self._settle(np.unique(np.concatenate(stale)))
+        return _labels_from_parents(self.parent)
+
+
+def zip_match(C: np.ndarray, n_models: int, target: int | None = None,
+              a: float = 0.5, b: float = 1.0) -> np.ndarray:
+    """ZipIt greedy clustering of the N n stacked units into ``target`` (default n) clusters.
+
+    Same labels as :func:`zip_match_reference` in O(n^2 log n). Labels are numbered in order of
+    each cluster's smallest member.
+
+    >>> C = np.array([[1., .2, .9, .1], [.2, 1., .1, .8], [.9, .1, 1., .3], [.1, .8, .3, 1.]])
+    >>> zip_match(C, 2).tolist()
+    [0, 1, 0, 1]
+    """
+    S, n, target, budget = _zip_setup(C, n_models, target, b)
+    return _FastZip(S, n, n_models, a, budget).run(S.shape[0] - target)
+
+
+# ---------------------------------------------------------------- merge / unmerge matrices
+
+def matrices_from_perms(perms: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """M_i = P_i / N, U_i = P_i^T with P_i[k, perms[i][k]] = 1, so sum_i M_i f_i is the mean.
+
+    >>> M, U = matrices_from_perms([np.arange(2), np.array([1, 0])])
+    >>> (M[1] @ np.array([10., 20.])).tolist(), U[1].tolist()
+    ([10.0, 5.0], [[0.0, 1.0], [1.0, 0.0]])
+    """
+    N, n = len(perms), len(perms[0])
+    Ms, Us = [], []
+    for perm in perms:
+        P = np.zeros((n, n))
+        P[np.arange(n), np.asarray(perm)] = 1.0
+        Ms.append(P / N)
+        Us.append(P.T.copy())
+    return Ms, Us
+
+
+def matrices_from_labels(labels: np.ndarray, n_models: int,
+                         target: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """U_i (n, target): model i's units -> clusters; M_i (target, n) = U_i^T / cluster size.
+
+    Sizes count members over all models, so sum_i M_i f_i is each cluster's mean feature.
+
+    >>> M, U = matrices_from_labels(np.array([0, 1, 0, 0]), 2, 2)
+    >>> (M[0] @ [3., 6.] + M[1] @ [0., 3.]).tolist()
+    [2.0, 6.0]
+    """
+    labels = np.asarray(labels)
+    n = labels.size // n_models
+    sizes = np.bincount(labels, minlength=target).astype(np.float64)
+    Ms, Us = [], []
+    for i in range(n_models):
+        U = np.zeros((n, target))
+        U[np.arange(n), labels[i * n:(i + 1) * n]] = 1.0
+        Us.append(U)
+        Ms.append(U.T / np.maximum(sizes, 1.0)[:, None])
+    return Ms, Us
+
+
+# ---------------------------------------------------------------- block-structured spaces
+
+@dataclass(frozen=True)
+class GroupAlignment:
+    """Block permutation shared by tied spaces and the full unit permutations it induces.
+
+    ``sigmas[i][j]``: block of model i matched to anchor block j (``sigmas[0]`` = identity).
+    ``perms[k][i]``: full permutation of space k for model i, in :func:`align`'s convention.
+    """
+    sigmas: tuple[np.ndarray, ...]
+    perms: tuple[tuple[np.ndarray, ...], ...]
+
+
+def _block_scores(X, G, g, identity):
+    """Mean matched similarity (G, G) and within-block assignments (G, G, g) of a cross block."""
+    blocks = X.reshape(G, g, G, g).transpose(0, 2, 1, 3)
+    if identity:
+        within = np.broadcast_to(np.arange(g), (G, G, g))
+        return np.einsum("jlaa->jl", blocks) / g, within
+    scores = np.empty((G, G))
+    within = np.empty((G, G, g), dtype=np.int64)
+    for j in range(G):
+        for l in range(G):
+            rows, cols = linear_sum_assignment(blocks[j, l], maximize=True)
+            within[j, l] = cols
+            scores[j, l] = blocks[j, l][rows, cols].mean()
+    return scores, within
+
+
+def group_align(Cs: Sequence[np.ndarray], n_models: int, G: int, gs: Sequence[int],
+                within_identity: Sequence[bool]) -> GroupAlignment:
+    """Align G blocks (heads, groups) shared by tied spaces k with block sizes gs[k].
+
+    Unit index inside space k is block * gs[k] + j. Block scores of tied spaces are summed
+    before the block assignment, so every space gets the same sigma.
+
+    >>> C = np.kron([[1., 0., 0., 1.], [0., 1., 1., 0.], [0., 1., 1., 0.], [1., 0., 0., 1.]],
+    ...             np.eye(2))   # 2 blocks of 2 units per model, blocks swapped in model 1
+    >>> ga = group_align([C], 2, G=2, gs=[2], within_identity=[False])
+    >>> ga.sigmas[1].tolist(), ga.perms[0][1].tolist()
+    ([1, 0], [2, 3, 0, 1])
+    """
+    Cs = [np.asarray(C, dtype=np.float64) for C in Cs]
+    if not len(Cs) == len(gs) == len(within_identity):
+        raise ValueError("group_align: Cs, gs and within_identity differ in length")
+    for C, g in zip(Cs, gs):
+        if _units_per_model(C, n_models) != G * g:
+            raise ValueError(f"group_align: similarity {C.shape} is not N * {G} blocks of {g}")
+    sigmas = [np.arange(G)]
+    perms = [[np.arange(G * g)] for g in gs]
+    for i in range(1, n_models):
+        total = np.zeros((G, G))
+        withins = []
+        for C, g, ident in zip(Cs, gs, within_identity):
+            n = G * g
+            scores, within = _block_scores(C[:n, i * n:(i + 1) * n], G, g, ident)
+            total += scores
+            withins.append(within)
+        _, sigma = linear_sum_assignment(total, maximize=True)
+        sigmas.append(sigma.astype(np.int64))
+        for k, (g, within) in enumerate(zip(gs, withins)):
+            full = sigma[:, None] * g + within[np.arange(G), sigma]
+            perms[k].append(full.reshape(-1).astype(np.int64))
+    return GroupAlignment(tuple(sigmas), tuple(tuple(p) for p in perms))
+
+
+def group_zip(Cs: Sequence[np.ndarray], n_models: int, G: int, gs: Sequence[int],
+              within_identity: Sequence[bool], a: float = 0.5,
+              b: float = 1.0) -> list[np.ndarray]:
+    """Zip inside block clusters from :func:`group_align`; merged block j owns labels j*g..
+
+    Each block cluster (anchor block j and block sigma_i(j) of every model i) is zipped on its
+    own with target g and its own budget; ``within_identity`` spaces pair unit u of the blocks.
+
+    >>> C = np.kron([[1., 0., 0., 1.], [0., 1., 1., 0.], [0., 1., 1., 0.], [1., 0., 0., 1.]],
+    ...             np.eye(2))
+    >>> group_zip([C], 2, G=2, gs=[2], within_identity=[False])[0].tolist()
+    [0, 1, 2, 3, 2, 3, 0, 1]
+    """
+    sigmas = group_align(Cs, n_models, G, gs, within_identity).sigmas
+    out = []
+    for C, g, ident in zip(Cs, gs, within_identity):
+        C = np.asarray(C, dtype=np.float64)
+        n = G * g
+        labels = np.empty(n_models * n, dtype=np.int64)
+        for j in range(G):
+            units = np.concatenate([i * n + sigmas[i][j] * g + np.arange(g)
+                                    for i in range(n_models)])
+            if ident:
+                local = np.tile(np.arange(g), n_models)
+            else:
+                local = zip_match(C[np.ix_(units, units)], n_models, target=g, a=a, b=b)
+            labels[units] = j * g + local
+        out.append(labels)
+    return out
