@@ -146,13 +146,14 @@ def zip_match_reference(C: np.ndarray, n_models: int, target: int | None = None,
 # len(_CHUNKS) O(m) passes per creation: O(m^2 log m) overall even when every row's favourite
 # partners keep being merged away (a dominant shared factor in the similarity).
 _CHUNKS = (1, 32, 1024, None)
+_BATCH_ELEMS = 1 << 21  # rows refilled together: bounds the (rows, m) temporaries to ~16 MB
 
 
 class _FastZip:
     """Lazy-invalidation greedy: each live row keeps a sorted chunk of candidate partners and a
-    head; a candidate (r, c) read at time f is valid iff c is alive, c has not changed since f
-    and the pair is not budget-masked. The row created last of the two always still holds a
-    valid entry for a pair, so the best head is the global best pair."""
+    head; a candidate (r, c) read at step f is valid iff c is alive, c has not changed since f
+    and the pair is not budget-masked. Of the two rows of a pair, the one rebuilt last still
+    holds a valid entry for it, so the best head is the global best pair."""
 
     def __init__(self, S, n, n_models, a, budget):
         m = S.shape[0]
@@ -163,7 +164,7 @@ class _FastZip:
         self.parent = np.arange(m)
         self.ver = np.zeros(m, dtype=np.int64)      # step at which a cluster last changed
         self.ctime = np.zeros(m, dtype=np.int64)    # step at which a row's chunk was read
-        self.level = np.ones(m, dtype=np.int64)     # next chunk size index
+        self.level = np.ones(m, dtype=np.int64)     # index into _CHUNKS of the next chunk
         self.spent = np.zeros(n_models, dtype=np.int64)
         self.masked = np.full(n_models, budget <= 0)
         self.step = 0
@@ -171,7 +172,7 @@ class _FastZip:
         self.hv = S[self.idx, self.hc]
         self.thr_v = self.hv.copy()                 # key (value, col) of a chunk's last entry
         self.thr_c = self.hc.copy()
-        self.pool = self.hc.astype(np.int32)
+        self.pool = self.hc.astype(np.int32)        # all chunks, back to back
         self.ptr = self.idx.copy()
         self.pend = self.idx + 1
         self.used = m
@@ -179,67 +180,85 @@ class _FastZip:
         self.hc[empty] = -1
         self.ptr[empty] = self.pend[empty]
 
-    def _append(self, r, cols):
-        self.ptr[r] = self.pend[r] = 0
-        k = cols.size
-        if self.used + k > self.pool.size:
-            live = np.flatnonzero(self.alive & (self.pend > self.ptr))
-            lens = self.pend[live] - self.ptr[live]
-            total = int(lens.sum())
-            starts = np.cumsum(lens) - lens
-            src = np.repeat(self.ptr[live] - starts, lens) + np.arange(total)
-            pool = np.empty(max(2 * (total + k), 1024), dtype=np.int32)
-            pool[:total] = self.pool[src]
-            self.ptr[:] = self.pend[:] = 0
-            self.ptr[live], self.pend[live] = starts, starts + lens
-            self.pool, self.used = pool, total
-        self.pool[self.used:self.used + k] = cols
-        self.ptr[r], self.pend[r] = self.used, self.used + k
-        self.used += k
-
-    def _refill(self, r):
-        """Next chunk of row r: live candidates whose key comes after the last chunk's."""
-        size = _CHUNKS[min(self.level[r], len(_CHUNKS) - 1)]
-        self.level[r] += 1
-        v = self.S[r]
-        tv, tc = self.thr_v[r], self.thr_c[r]
-        cand = v < tv
-        if tv != _NEG:
-            cand |= (v == tv) & (self.idx > tc)
-        cand &= self.alive
-        cand &= v != _NEG
-        cols = np.flatnonzero(cand)
-        if size is not None and cols.size > size:
-            vals = v[cols]
-            kth = cols.size - size
-            cols = cols[vals >= np.partition(vals, kth)[kth]]  # keeps ties at the boundary
-        cols = cols[np.lexsort((cols, -v[cols]))]
-        self.ctime[r] = self.step
-        if cols.size == 0:
-            self.ptr[r] = self.pend[r] = 0
+    def _reserve(self, k):
+        if self.used + k <= self.pool.size:
             return
-        self.thr_v[r], self.thr_c[r] = v[cols[-1]], cols[-1]
-        self._append(r, cols)
+        live = np.flatnonzero(self.alive & (self.pend > self.ptr))
+        lens = self.pend[live] - self.ptr[live]
+        total = int(lens.sum())
+        starts = np.cumsum(lens) - lens
+        pool = np.empty(max(2 * (total + k), 1024), dtype=np.int32)
+        pool[:total] = self.pool[np.repeat(self.ptr[live] - starts, lens) + np.arange(total)]
+        self.ptr[:] = self.pend[:] = 0
+        self.ptr[live], self.pend[live] = starts, starts + lens
+        self.pool, self.used = pool, total
+
+    def _refill(self, rows):
+        """Next chunk of each row: live candidates whose key comes after the last chunk's."""
+        self.ptr[rows] = self.pend[rows] = 0
+        self.ctime[rows] = self.step
+        levels = np.minimum(self.level[rows], len(_CHUNKS) - 1)
+        self.level[rows] += 1
+        batch = max(1, _BATCH_ELEMS // self.m)
+        for lv in np.unique(levels):
+            same = rows[levels == lv]
+            for s in range(0, same.size, batch):
+                self._refill_batch(same[s:s + batch], _CHUNKS[lv])
+
+    def _refill_batch(self, R, size):
+        V = self.S[R]
+        tv, tc = self.thr_v[R][:, None], self.thr_c[R][:, None]
+        cand = V < tv
+        cand |= (V == tv) & (self.idx > tc)
+        cand &= self.alive
+        cand &= V != _NEG
+        if size is not None and size < self.m:
+            Vc = np.where(cand, V, _NEG)
+            kth = Vc.max(1) if size == 1 else np.partition(Vc, self.m - size, axis=1)[:, -size]
+            cand &= V >= kth[:, None]  # keeps ties at the boundary
+        rr, cc = np.nonzero(cand)
+        vals = V[rr, cc]
+        order = np.lexsort((cc, -vals, rr))
+        cc, vals = cc[order], vals[order]
+        counts = np.bincount(rr, minlength=R.size)
+        ends = np.cumsum(counts)
+        full = counts > 0
+        self.thr_v[R[full]] = vals[ends[full] - 1]
+        self.thr_c[R[full]] = cc[ends[full] - 1]
+        self._reserve(cc.size)
+        self.pool[self.used:self.used + cc.size] = cc
+        self.ptr[R] = self.used + ends - counts
+        self.pend[R] = self.used + ends
+        self.used += cc.size
 
     def _settle(self, rows):
         """Move each row's head to its first valid candidate, refilling chunks as needed."""
+        width = 4
         while rows.size:
             exhausted = self.ptr[rows] >= self.pend[rows]
             if exhausted.any():
-                for r in rows[exhausted]:
-                    self._refill(r)
+                self._refill(rows[exhausted])
                 empty = self.ptr[rows] >= self.pend[rows]
                 self.hv[rows[empty]] = _NEG
                 self.hc[rows[empty]] = -1
                 rows = rows[~empty]
-            c = self.pool[self.ptr[rows]].astype(np.int64)
-            ok = self.alive[c] & (self.ver[c] <= self.ctime[rows])
-            ok &= ~(self.masked[self.model[rows]] & (self.model[c] == self.model[rows]))
-            good = rows[ok]
-            self.hc[good] = c[ok]
-            self.hv[good] = self.S[good, c[ok]]
-            rows = rows[~ok]
-            self.ptr[rows] += 1
+            ptr, pend = self.ptr[rows][:, None], self.pend[rows][:, None]
+            pos = ptr + np.arange(width)
+            c = self.pool[np.minimum(pos, pend - 1)].astype(np.int64)
+            mr = self.model[rows][:, None]
+            ok = pos < pend
+            ok &= self.alive[c]
+            ok &= self.ver[c] <= self.ctime[rows][:, None]
+            ok &= ~(self.masked[mr] & (self.model[c] == mr))
+            found = ok.any(1)
+            first = ok.argmax(1)
+            good = rows[found]
+            self.ptr[good] = pos[found, first[found]]
+            self.hc[good] = c[found, first[found]]
+            self.hv[good] = self.S[good, self.hc[good]]
+            rows = rows[~found]
+            self.ptr[rows] = np.minimum(self.ptr[rows] + width, self.pend[rows])
+            width = min(4 * width, 4096)
 
     def _best_pair(self):
         vmax = self.hv.max()
