@@ -61,11 +61,11 @@ def _zip_setup(C, n_models, target, b):
     if not 1 <= target <= m:
         raise ValueError(f"zip target {target} outside [1, {m}]")
     S = np.empty_like(C)
-    B = 512  # blocked transpose: a plain C + C.T is cache-hostile at n = 4096
+    B = 256  # blocked transpose: a plain C + C.T is cache-hostile at n = 4096
     for i in range(0, m, B):
         for j in range(i, m, B):
             blk = C[i:i + B, j:j + B] + C[j:j + B, i:i + B].T
-            if not np.isfinite(blk).all():
+            if not np.isfinite(blk.sum()):
                 raise ValueError("zip: similarity contains nan or inf")
             blk *= 0.5
             S[i:i + B, j:j + B] = blk
@@ -149,6 +149,15 @@ _CHUNKS = (1, 32, 1024, None)
 _BATCH_ELEMS = 1 << 21  # rows refilled together: bounds the (rows, m) temporaries to ~16 MB
 
 
+def _order_desc(vals):
+    """Indices sorting vals in decreasing order, equal values in index order."""
+    order = np.argsort(-vals)
+    s = vals[order]
+    if (s[1:] == s[:-1]).any():  # the fast sort is not stable: redo it stably on ties
+        order = np.argsort(-vals, kind="stable")
+    return order
+
+
 class _FastZip:
     """Lazy-invalidation greedy: each live row keeps a sorted chunk of candidate partners and a
     head; a candidate (r, c) read at step f is valid iff c is alive, c has not changed since f
@@ -193,17 +202,52 @@ class _FastZip:
         self.ptr[live], self.pend[live] = starts, starts + lens
         self.pool, self.used = pool, total
 
+    def _store(self, rows, cols, counts):
+        """Append the chunks (concatenated in row order) as the rows' current chunks."""
+        self.ptr[rows] = self.pend[rows] = 0
+        self._reserve(cols.size)
+        ends = self.used + np.cumsum(counts)
+        self.pool[self.used:self.used + cols.size] = cols
+        self.ptr[rows], self.pend[rows] = ends - counts, ends
+        self.used += cols.size
+
     def _refill(self, rows):
         """Next chunk of each row: live candidates whose key comes after the last chunk's."""
-        self.ptr[rows] = self.pend[rows] = 0
         self.ctime[rows] = self.step
         levels = np.minimum(self.level[rows], len(_CHUNKS) - 1)
         self.level[rows] += 1
         batch = max(1, _BATCH_ELEMS // self.m)
         for lv in np.unique(levels):
             same = rows[levels == lv]
+            if same.size <= 4:  # a batch's (rows, m) temporaries cost more than a loop
+                for r in same:
+                    self._refill_one(int(r), _CHUNKS[lv])
+                continue
             for s in range(0, same.size, batch):
                 self._refill_batch(same[s:s + batch], _CHUNKS[lv])
+
+    def _refill_one(self, r, size):
+        v = self.S[r]
+        tv, tc = self.thr_v[r], self.thr_c[r]
+        cand = v < tv
+        cand &= self.alive
+        cols = np.flatnonzero(cand)
+        vals = v[cols]
+        keep = vals != _NEG
+        cols, vals = cols[keep], vals[keep]
+        if np.isfinite(tv):  # ties with the threshold come after it in column order
+            eq = np.flatnonzero(v == tv)
+            eq = eq[(eq > tc) & self.alive[eq]]
+            cols, vals = np.concatenate([eq, cols]), np.concatenate([v[eq], vals])
+        if size is not None and cols.size > size:
+            kth = cols.size - size
+            keep = vals >= np.partition(vals, kth)[kth]  # keeps ties at the boundary
+            cols, vals = cols[keep], vals[keep]
+        order = _order_desc(vals)
+        cols = cols[order]
+        if cols.size:
+            self.thr_v[r], self.thr_c[r] = vals[order[-1]], cols[-1]
+        self._store(np.array([r]), cols, np.array([cols.size]))
 
     def _refill_batch(self, R, size):
         V = self.S[R]
@@ -212,24 +256,27 @@ class _FastZip:
         cand |= (V == tv) & (self.idx > tc)
         cand &= self.alive
         cand &= V != _NEG
-        if size is not None and size < self.m:
-            Vc = np.where(cand, V, _NEG)
+        Vc = np.where(cand, V, _NEG)
+        counts = cand.sum(1)
+        if size is None or size >= self.m:
+            order = np.argsort(-Vc, axis=1)
+            first = np.arange(self.m) < counts[:, None]
+            s = np.take_along_axis(Vc, order, axis=1)
+            if (first[:, 1:] & (s[:, 1:] == s[:, :-1])).any():
+                order = np.argsort(-Vc, axis=1, kind="stable")
+            cols = order[first]
+        else:
             kth = Vc.max(1) if size == 1 else np.partition(Vc, self.m - size, axis=1)[:, -size]
             cand &= V >= kth[:, None]  # keeps ties at the boundary
-        rr, cc = np.nonzero(cand)
-        vals = V[rr, cc]
-        order = np.lexsort((cc, -vals, rr))
-        cc, vals = cc[order], vals[order]
-        counts = np.bincount(rr, minlength=R.size)
+            counts = cand.sum(1)
+            rr, cols = np.nonzero(cand)
+            order = np.argsort(-V[rr, cols], kind="stable")
+            cols = cols[order[np.argsort(rr[order], kind="stable")]]
         ends = np.cumsum(counts)
         full = counts > 0
-        self.thr_v[R[full]] = vals[ends[full] - 1]
-        self.thr_c[R[full]] = cc[ends[full] - 1]
-        self._reserve(cc.size)
-        self.pool[self.used:self.used + cc.size] = cc
-        self.ptr[R] = self.used + ends - counts
-        self.pend[R] = self.used + ends
-        self.used += cc.size
+        self.thr_c[R[full]] = cols[ends[full] - 1]
+        self.thr_v[R[full]] = self.S[R[full], self.thr_c[R[full]]]
+        self._store(R, cols, counts)
 
     def _settle(self, rows):
         """Move each row's head to its first valid candidate, refilling chunks as needed."""
@@ -260,6 +307,19 @@ class _FastZip:
             self.ptr[rows] = np.minimum(self.ptr[rows] + width, self.pend[rows])
             width = min(4 * width, 4096)
 
+    def _restart_row(self, p):
+        """p's row was just rebuilt: its first chunk is its argmax (S[p] is -inf off-limits)."""
+        c = int(np.argmax(self.S[p]))
+        v = self.S[p, c]
+        self.level[p], self.ctime[p] = 1, self.step
+        if v == _NEG:
+            self.ptr[p] = self.pend[p] = 0
+            self.hv[p], self.hc[p] = _NEG, -1
+            return
+        self.thr_v[p], self.thr_c[p] = v, c
+        self._store(np.array([p]), np.array([c]), np.array([1]))
+        self.hv[p], self.hc[p] = v, c
+
     def _best_pair(self):
         vmax = self.hv.max()
         if vmax == _NEG:
@@ -282,7 +342,7 @@ class _FastZip:
             self.ver[p] = step
             self.hv[q], self.hc[q] = _NEG, -1
             _merge_into(self.S, p, q, self.alive, self.a)
-            stale = [np.flatnonzero((self.hc == p) | (self.hc == q))]
+            stale = np.flatnonzero((self.hc == p) | (self.hc == q))
             t = p // self.n
             if t == q // self.n:
                 self.spent[t] += 1
@@ -290,12 +350,10 @@ class _FastZip:
                     _mask_model(self.S, t, self.n, self.alive)
                     self.masked[t] = True
                     rows = np.flatnonzero((self.model == t) & (self.hc >= 0))
-                    stale.append(rows[self.model[self.hc[rows]] == t])
-            # p's row is new: restart its chunk list from the top
-            self.level[p], self.thr_v[p], self.thr_c[p] = 0, np.inf, -1
-            self.ptr[p] = self.pend[p] = 0
-            stale.append(np.array([p]))
-            self._settle(np.unique(np.concatenate(stale)))
+                    rows = rows[self.model[self.hc[rows]] == t]
+                    stale = np.union1d(stale, rows)
+            self._restart_row(p)
+            self._settle(stale[stale != p])
         return _labels_from_parents(self.parent)
 
 

@@ -1,0 +1,248 @@
+"""Stage 4: match units across models, per space (ALGORITHMS.md, "Matching Psi").
+
+``solve`` turns similarities into an :class:`Alignment`: per space and model a merge matrix
+M_i and an unmerge matrix U_i. Plain spaces are matched alone; blocked spaces that share a
+head permutation (q/k and v of one attention layer, a GroupNorm space) are matched together
+by group alignment. MuDSC's iteration (Algorithm 1) and Git Re-Basin's coordinate descent
+are the same loop with different similarities and patience.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from ..ir.graph import PermutationGraph
+from ..solvers import match
+from .apply import SpaceOp
+from .stats import Statistics
+from .weights import weight_similarity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How to match. ``match``: None (plain average), "align" or "zip". ``alpha`` weighs the
+    weight similarity: C = alpha C_W + (1 - alpha) C_A. ``iterate``: MuDSC / Re-Basin sweeps."""
+    match: Optional[str] = "zip"
+    alpha: float = 0.5
+    iterate: bool = True
+    zip_a: float = 0.5
+    zip_b: float = 1.0
+    weight_kind: str = "pearson"          # "pearson" (MuDSC) or "inner" (Git Re-Basin)
+    weight_normalize: bool = False        # per-member normalisation of weight features
+    patience: int = 5
+    max_sweeps: int = 100
+
+    @property
+    def uses_activations(self) -> bool:
+        return self.match is not None and self.alpha < 1.0
+
+    @property
+    def uses_weights(self) -> bool:
+        return self.match is not None and self.alpha > 0.0
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Per space s: ``M[s][i]`` (n_merged x n) and ``U[s][i]`` (n x n_merged) for model i;
+    ``perms[s][i]`` for permutation matchings (perm[k] = unit of model i matched to anchor
+    unit k). Spaces without an entry are merged by plain averaging (identity)."""
+    M: Mapping[int, tuple[np.ndarray, ...]]
+    U: Mapping[int, tuple[np.ndarray, ...]]
+    perms: Mapping[int, tuple[np.ndarray, ...]]
+    n_models: int
+    objective: tuple[float, ...] = ()
+    sweeps: int = 0
+
+
+@dataclass(frozen=True)
+class SolveUnit:
+    """Spaces matched in one step: one plain space, or the blocked spaces of one head."""
+    spaces: tuple[int, ...]
+    head: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return "+".join(f"S{s}" for s in self.spaces)
+
+
+def solve_units(pg: PermutationGraph) -> list[SolveUnit]:
+    units: list[SolveUnit] = []
+    by_head: dict[int, list[int]] = {}
+    for s in pg.spaces:
+        if s.kind != "unit" or not pg.is_free(s.id):
+            continue
+        if s.blocks is None:
+            units.append(SolveUnit((s.id,)))
+        else:
+            by_head.setdefault(s.head, []).append(s.id)
+    for h, spaces in by_head.items():
+        units.append(SolveUnit(tuple(spaces), head=h))
+    return units
+
+
+def _matrix_op(M: Mapping[int, tuple[np.ndarray, ...]], U: Mapping[int, tuple[np.ndarray, ...]], i: int) -> SpaceOp:
+    cacheM = {s: torch.as_tensor(m[i]) for s, m in M.items()}
+    cacheU = {s: torch.as_tensor(u[i]).T.contiguous() for s, u in U.items()}
+
+    def op(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
+        A = (cacheM if role == "out" else cacheU).get(s)
+        if A is None:
+            return t
+        return torch.tensordot(A.to(t.dtype), t, dims=([1], [axis])).movedim(0, axis)
+    return op
+
+
+def _objective_align(C: np.ndarray, perms: list[np.ndarray]) -> float:
+    n = len(perms[0])
+    return float(np.mean([C[np.arange(n), i * n + p].mean() for i, p in enumerate(perms) if i > 0]))
+
+
+def _objective_zip(C: np.ndarray, labels: np.ndarray) -> float:
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    return float(C[same].mean()) if same.any() else 0.0
+
+
+class _Solver:
+    def __init__(self, pg: PermutationGraph, stats: Optional[Statistics], tensors, cfg: MatchConfig):
+        self.pg, self.stats, self.tensors, self.cfg = pg, stats, tensors, cfg
+        self.N = len(tensors)
+        self.M: dict[int, tuple[np.ndarray, ...]] = {}
+        self.U: dict[int, tuple[np.ndarray, ...]] = {}
+        self.perms: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def similarity(self, s: int, alpha: float) -> np.ndarray:
+        ca = None if self.stats is None else self.stats.corr.get(s)
+        dead = None if ca is None else self.stats.dead[s]
+        if alpha <= 0.0 and ca is not None and not dead.any():
+            return ca
+        ops = [_matrix_op(self.M, self.U, i) for i in range(self.N)]
+        cw = weight_similarity(self.pg, self.tensors, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize)
+        if ca is None or alpha >= 1.0:
+            return cw
+        if dead.any():  # units that never varied on the data: only their weights can tell them apart
+            ca = ca.copy()
+            ca[dead, :] = cw[dead, :]
+            ca[:, dead] = cw[:, dead]
+        return alpha * cw + (1.0 - alpha) * ca
+
+    def match_unit(self, unit: SolveUnit, alpha: float) -> float:
+        Cs = [self.similarity(s, alpha) for s in unit.spaces]
+        N, cfg = self.N, self.cfg
+        if unit.head is None:
+            s, C = unit.spaces[0], Cs[0]
+            if cfg.match == "align":
+                perms = match.align(C, N)
+                self._set_perms(s, perms)
+                return _objective_align(C, perms)
+            labels = match.zip_match(C, N, self.pg.size(s), a=cfg.zip_a, b=cfg.zip_b)
+            self._set_labels(s, labels)
+            return _objective_zip(C, labels)
+        return self._match_blocks(unit, Cs)
+
+    def _match_blocks(self, unit: SolveUnit, Cs: list[np.ndarray]) -> float:
+        pg, N, cfg = self.pg, self.N, self.cfg
+        sp = [pg.spaces[s] for s in unit.spaces]
+        G = sp[0].blocks[0]
+        gs = [s.blocks[1] for s in sp]
+        wid = [s.within != "free" for s in sp]
+        head_free = not pg.spaces[unit.head].fixed and G > 1
+        score = []
+        if cfg.match == "align":
+            if head_free:
+                ga = match.group_align(Cs, N, G, gs, wid)
+                perms_by_space = [list(p) for p in ga.perms]
+                self._set_perms(unit.head, list(ga.sigmas))
+            else:
+                perms_by_space = [self._per_block(C, N, G, g, w, "align") for C, g, w in zip(Cs, gs, wid)]
+            for s, C, perms in zip(unit.spaces, Cs, perms_by_space):
+                self._set_perms(s, perms)
+                score.append(_objective_align(C, perms))
+            return float(np.mean(score))
+        if head_free:
+            labels_by_space = match.group_zip(Cs, N, G, gs, wid, a=cfg.zip_a, b=cfg.zip_b)
+        else:
+            labels_by_space = [self._per_block(C, N, G, g, w, "zip") for C, g, w in zip(Cs, gs, wid)]
+        for s, C, labels, g in zip(unit.spaces, Cs, labels_by_space, gs):
+            self._set_labels(s, labels)
+            score.append(_objective_zip(C, labels))
+        n0 = G * gs[0]
+        lab0 = labels_by_space[0]
+        heads = [np.array([lab0[i * n0 + k * gs[0]] // gs[0] for k in range(G)]) for i in range(N)]
+        self._set_labels(unit.head, np.concatenate(heads))
+        return float(np.mean(score))
+
+    def _per_block(self, C, N, G, g, within_identity, how):
+        """Blocks cannot move (fixed head): match inside each block on its own."""
+        n = G * g
+        if how == "align":
+            perms = [np.zeros(n, dtype=np.int64) for _ in range(N)]
+        else:
+            labels = np.zeros(N * n, dtype=np.int64)
+        for b in range(G):
+            idx = np.concatenate([i * n + b * g + np.arange(g) for i in range(N)])
+            sub = C[np.ix_(idx, idx)]
+            if how == "align":
+                bp = [np.arange(g)] * N if within_identity else match.align(sub, N)
+                for i in range(N):
+                    perms[i][b * g:(b + 1) * g] = b * g + bp[i]
+            else:
+                bl = np.tile(np.arange(g), N) if within_identity else match.zip_match(sub, N, g, a=self.cfg.zip_a, b=self.cfg.zip_b)
+                labels[idx] = b * g + bl
+        return perms if how == "align" else labels
+
+    def _set_perms(self, s: int, perms) -> None:
+        M, U = match.matrices_from_perms(perms)
+        self.M[s], self.U[s], self.perms[s] = tuple(M), tuple(U), tuple(np.asarray(p) for p in perms)
+
+    def _set_labels(self, s: int, labels) -> None:
+        n = len(labels) // self.N
+        M, U = match.matrices_from_labels(np.asarray(labels), self.N, n)
+        self.M[s], self.U[s] = tuple(M), tuple(U)
+        self.perms.pop(s, None)
+
+    def snapshot(self):
+        return dict(self.M), dict(self.U), dict(self.perms)
+
+    def restore(self, snap) -> None:
+        self.M, self.U, self.perms = (dict(x) for x in snap)
+
+
+def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mapping[str, torch.Tensor]],
+          cfg: MatchConfig, seed: int = 0) -> Alignment:
+    """Match every free space of ``pg`` across the N models whose tensors are given."""
+    N = len(tensors)
+    if cfg.match is None:
+        return Alignment({}, {}, {}, N)
+    solver = _Solver(pg, stats, tensors, cfg)
+    units = solve_units(pg)
+    rng = np.random.default_rng(seed)
+    # initialisation: activations alone when the method uses them, else weights with
+    # identity neighbours (Re-Basin starts from the identity and sweeps)
+    init_alpha = 0.0 if cfg.uses_activations else 1.0
+    scores = {u.name: solver.match_unit(u, init_alpha) for u in units}
+    history = [float(np.mean(list(scores.values()))) if scores else 0.0]
+    sweeps = 0
+    if cfg.iterate and cfg.uses_weights and units:
+        best, best_snap, stale = -np.inf, solver.snapshot(), 0
+        while sweeps < cfg.max_sweeps and stale < cfg.patience:
+            for k in rng.permutation(len(units)):
+                u = units[k]
+                scores[u.name] = solver.match_unit(u, cfg.alpha)
+            sweeps += 1
+            obj = float(np.mean(list(scores.values())))
+            history.append(obj)
+            if obj > best + 1e-12:
+                best, best_snap, stale = obj, solver.snapshot(), 0
+            else:
+                stale += 1
+                solver.restore(best_snap)
+        solver.restore(best_snap)
+        log.info("matching: %d sweeps, objective %.4f", sweeps, best)
+    return Alignment(solver.M, solver.U, solver.perms, N, tuple(history), sweeps)

@@ -1,0 +1,189 @@
+"""Stage 3: activation statistics — per space, the Pearson correlation of the stacked
+features of all N models, from float64 sums over one streaming pass (DESIGN.md,
+"Statistics"). Spaces are processed in chunks when their accumulators exceed a memory budget.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..ir.graph import PermutationGraph, Tap
+from ..ir.layout import Concat, Fixed, Kron, Layout, Plain, layout_size
+from ..ir.trace import as_input_tuple, eval_mode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """``corr[s]``: (N n, N n) float64 correlation of space s (model i's units are rows
+    i*n:(i+1)*n); ``samples[s]``: how many feature vectors went in; ``dead[s]``: units with
+    (near) zero variance, whose rows/columns are 0."""
+    corr: dict[int, np.ndarray]
+    samples: dict[int, int]
+    dead: dict[int, np.ndarray]
+    n_models: int
+
+
+def default_input_fn(batch: Any) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    if isinstance(batch, dict) and "input" in batch:
+        return (batch["input"],)
+    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}: pass input_fn=")
+
+
+def space_features(x: torch.Tensor, layout: Layout, size: Callable[[int], int]) -> list[tuple[int, torch.Tensor]]:
+    """Split ``x`` [samples, size(layout)] into (space, [samples', n]) feature blocks."""
+    if isinstance(layout, Plain):
+        return [(layout.space, x)]
+    if isinstance(layout, Fixed):
+        return []
+    if isinstance(layout, Concat):
+        sizes = [layout_size(p, size) for p in layout.parts]
+        return [f for piece, p in zip(torch.split(x, sizes, dim=1), layout.parts) for f in space_features(piece, p, size)]
+    assert isinstance(layout, Kron)
+    m = layout_size(layout.inner, size)
+    y = x.reshape(x.shape[0], layout.outer, m, layout.inner_rep).permute(0, 1, 3, 2).reshape(-1, m)
+    return space_features(y, layout.inner, size)
+
+
+def tap_features(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
+    v = value.movedim(tap.axis, -1)
+    if tap.proj is not None:
+        wname, bname, start, stop, bstart = tap.proj
+        w = params[wname][start:stop]
+        b = None if bname is None else params[bname][bstart:bstart + (stop - start)]
+        v = F.linear(v, w.to(v.dtype), None if b is None else b.to(v.dtype))
+    return space_features(v.reshape(-1, v.shape[-1]), tap.layout, size)
+
+
+def taps_by_space(pg: PermutationGraph) -> dict[int, list[Tap]]:
+    """Per free space, the taps that read it: inputs of `in` members, else producer outputs."""
+    from ..ir.layout import spaces_of
+    free = set(pg.free_spaces)
+    chosen: dict[int, list[Tap]] = {}
+    for kind in (pg.in_taps, pg.out_taps):
+        found: dict[int, list[Tap]] = {}
+        for t in kind:
+            for s in set(spaces_of(t.layout)):
+                if s in free and s not in chosen:
+                    found.setdefault(s, []).append(t)
+        for s, ts in found.items():
+            chosen[s] = list(dict.fromkeys(ts))
+    return chosen
+
+
+def tap_module(gm: fx.GraphModule, root: nn.Module, node_names: Sequence[str]) -> fx.GraphModule:
+    """A GraphModule running ``gm``'s graph with ``root``'s parameters and returning the
+    listed nodes' values (a dead-code-eliminated copy: work after the last tap is skipped)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    want = set(node_names)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in gm.graph.nodes if n.name in want and n.op != "output"))
+    gm = fx.GraphModule(root, graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _accumulator_bytes(n_models: int, n: int) -> int:
+    return 8 * (n_models * n) ** 2
+
+
+def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Iterable, *,
+                  input_fn: Optional[Callable[[Any], tuple]] = None, budget_bytes: int = 2 << 30,
+                  spaces: Optional[Iterable[int]] = None, progress: bool = False) -> Statistics:
+    """One streaming pass over ``data`` per chunk of spaces (one pass when the float64
+    accumulators of all spaces fit in ``budget_bytes``; cost per space: 8 (N n)^2 bytes).
+
+    >>> # stats = collect_stats([m0, m1], mf.infer(m0, x), loader)
+    """
+    input_fn = input_fn or default_input_fn
+    N = len(models)
+    taps = taps_by_space(pg)
+    wanted = sorted(taps if spaces is None else set(spaces) & set(taps))
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for s in wanted:
+        cost = _accumulator_bytes(N, pg.size(s))
+        if chunks[-1] and used + cost > budget_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(s)
+        used += cost
+    if len(chunks) > 1:
+        log.info("activation statistics in %d passes (budget %.1f GiB)", len(chunks), budget_bytes / 2**30)
+    corr, samples, dead = {}, {}, {}
+    for chunk in chunks:
+        c, n_s, d = _collect_chunk(models, pg, data, input_fn, chunk, taps, progress)
+        corr.update(c)
+        samples.update(n_s)
+        dead.update(d)
+    return Statistics(corr, samples, dead, N)
+
+
+def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
+    N = len(models)
+    chunk_taps = list(dict.fromkeys(t for s in chunk for t in taps[s]))
+    node_names = list(dict.fromkeys(t.node for t in chunk_taps))
+    runners = [tap_module(pg.gm, m, node_names) for m in models]
+    ordered = [n.name for n in pg.gm.graph.nodes if n.name in set(node_names) and n.op != "output"]
+    params = [dict(list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False)))
+              for m in models]
+    sums = {s: torch.zeros(N * pg.size(s), dtype=torch.float64) for s in chunk}
+    prods = {s: torch.zeros(N * pg.size(s), N * pg.size(s), dtype=torch.float64) for s in chunk}
+    count = {s: 0 for s in chunk}
+    wanted = set(chunk)
+    it = data
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(data, desc=f"statistics ({len(chunk)} spaces)", leave=False)
+    n_batches = 0
+    with torch.no_grad(), eval_mode(*models):
+        for batch in it:
+            n_batches += 1
+            inputs = as_input_tuple(input_fn(batch))
+            outs = [dict(zip(ordered, r(*inputs))) for r in runners]
+            for t in chunk_taps:
+                per_model = [tap_features(outs[i][t.node], t, params[i], pg.size) for i in range(N)]
+                for k in range(len(per_model[0])):
+                    s = per_model[0][k][0]
+                    if s not in wanted:
+                        continue
+                    feats = torch.cat([per_model[i][k][1] for i in range(N)], dim=1).to(torch.float64)
+                    if not torch.isfinite(feats).all():
+                        raise ValueError(f"non-finite activations at node {t.node} (space S{s}): check the models' "
+                                         "weights and the calibration data")
+                    sums[s] += feats.sum(0)
+                    prods[s] += feats.T @ feats
+                    count[s] += feats.shape[0]
+    if n_batches == 0:
+        raise ValueError("the calibration data is empty")
+    corr, dead = {}, {}
+    for s in chunk:
+        n = max(count[s], 1)
+        mean = sums[s] / n
+        cov = prods[s] / n - torch.outer(mean, mean)
+        var = cov.diagonal().clone()
+        is_dead = var <= 1e-10 * max(var.abs().max().item(), 1e-30)
+        std = var.clamp_min(1e-30).sqrt()
+        c = cov / torch.outer(std, std)
+        c[is_dead, :] = 0.0
+        c[:, is_dead] = 0.0
+        corr[s] = c.clamp(-1.0, 1.0).numpy()
+        dead[s] = is_dead.numpy()
+    return corr, count, dead
