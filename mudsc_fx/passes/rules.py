@@ -104,7 +104,7 @@ _register((torch.split, torch.chunk, torch.unbind, torch.tensor_split, "split", 
            "tensor_split", "split_with_sizes"), S.split)
 _register((operator.getitem,), S.getitem)
 _register((getattr,), S.getattr_rule)
-_register(("size", "dim", "numel", "nelement", "data_ptr", "is_contiguous", "get_device", "__len__",
+_register((torch._assert, torch._assert_async, "size", "dim", "numel", "nelement", "data_ptr", "is_contiguous", "get_device", "__len__",
            len, torch.numel), S.non_tensor)
 _register((torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm", "__matmul__"),
           S.matmul)

@@ -381,10 +381,15 @@ def multihead_attention(ctx: InferContext, node: fx.Node):
 
 # torchvision's Swin hides these helpers from fx with torch.fx.wrap -------------------------
 def swin_patch_merging_pad(ctx: InferContext, node: fx.Node):
+    """Pads H, W and concatenates the four 2x2 phases along channels: [..., H/2, W/2, 4C]."""
     lx = ctx.tlabel(node.args[0])
     for a in lx.axes[:-1]:
         ctx.table.fix_label(a, f"padding {node.name}")
-    return TensorLabel((None,) * (len(lx) - 1) + (lx[-1],))
+    c = lx[-1]
+    if not (_is_layout(c) and not _is_head(ctx, c)):
+        ctx.table.fix_label(c, f"patch merging {node.name}")
+        c = None
+    return TensorLabel((None,) * (len(lx) - 1) + (None if c is None else Concat((c,) * 4),))
 
 
 def swin_relative_position_bias(ctx: InferContext, node: fx.Node):

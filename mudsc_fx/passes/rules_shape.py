@@ -330,7 +330,7 @@ def reshape(ctx: InferContext, node: fx.Node):
     n_fixed = len(ctx.table.conflicts), sum(ctx.table.fixed)
     res = reshape_label(ctx, ctx.tlabel(x), ctx.shape(x), out.shape, f"reshape {node.name}")
     if (len(ctx.table.conflicts), sum(ctx.table.fixed)) != n_fixed:
-        ctx.note_barrier(node, "reshape that interleaves permuted axes (e.g. channel shuffle)")
+        ctx.note_barrier(node, "reshape that merges or interleaves several permuted axes (e.g. channel shuffle)")
     return res
 
 

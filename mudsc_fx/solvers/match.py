@@ -195,11 +195,12 @@ class _FastZip:
         live = np.flatnonzero(self.alive & (self.pend > self.ptr))
         lens = self.pend[live] - self.ptr[live]
         total = int(lens.sum())
-        starts = np.cumsum(lens) - lens
         pool = np.empty(max(2 * (total + k), 1024), dtype=np.int32)
-        pool[:total] = self.pool[np.repeat(self.ptr[live] - starts, lens) + np.arange(total)]
-        self.ptr[:] = self.pend[:] = 0
-        self.ptr[live], self.pend[live] = starts, starts + lens
+        at = 0
+        for r, size in zip(live.tolist(), lens.tolist()):
+            pool[at:at + size] = self.pool[self.ptr[r]:self.pend[r]]
+            self.ptr[r], self.pend[r] = at, at + size
+            at += size
         self.pool, self.used = pool, total
 
     def _store(self, rows, cols, counts):
