@@ -50,13 +50,16 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def perturb_(model: nn.Module, seed: int) -> None:
-    """Break the symmetric default init (BN weight 1, bias 0, running stats 0/1) so that a
-    parameter the rewrite forgets to move changes the output."""
+def perturb_(model: nn.Module, seed: int, small: int = 1 << 16) -> None:
+    """Break the symmetric default init (BN weight 1, bias 0, running stats 0/1, zero-init
+    tokens) so that a parameter the rewrite forgets to move changes the output. Large tensors
+    are already random unless constant, so only small or constant ones are touched."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point() or t.numel() == 0:
+                continue
+            if t.numel() > small and not bool((t == t.reshape(-1)[0]).all()):
                 continue
             scale = 0.1 * (t.abs().mean().item() + 1e-2)
             noise = torch.randn(t.shape, generator=g, dtype=t.dtype)

@@ -5,6 +5,7 @@ Permutation conventions: ``perms[i][k]`` is the unit of model i matched to ancho
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,6 +18,7 @@ __all__ = [
 ]
 
 _NEG = -np.inf
+logger = logging.getLogger(__name__)
 
 
 def _units_per_model(C: np.ndarray, n_models: int) -> int:
@@ -48,20 +50,17 @@ def align(C: np.ndarray, n_models: int) -> list[np.ndarray]:
 # model of that smallest member. This is what the public ZipIt code does implicitly (the merged
 # column keeps the lower matrix position and its origin tag), so a pair is same-model iff the
 # two clusters' smallest members come from one model, and the budget charged is that model's.
-# A budget of 0 masks the model from the start (ZipIt's code lets one such merge through).
-# The input is symmetrised as (C + C^T) / 2 (exact for a symmetric C); ties go to the pair
-# with the lowest flat index (r, c), r < c, as np.argmax over the matrix does.
+# Masks are -inf entries, so they spread through the min of merged rows, as in ZipIt. A budget
+# of 0 masks the model from the start (ZipIt's code lets one such merge through). If the masks
+# leave no admissible pair before the target, the budgets are lifted (see _zip). The input is
+# symmetrised as (C + C^T) / 2 (exact for a symmetric C); ties go to the pair with the lowest
+# flat index (r, c), r < c, as np.argmax over the matrix does.
 
 
-def _zip_setup(C, n_models, target, b):
-    C = np.asarray(C, dtype=np.float64)
-    n = _units_per_model(C, n_models)
-    m = C.shape[0]
-    target = n if target is None else int(target)
-    if not 1 <= target <= m:
-        raise ValueError(f"zip target {target} outside [1, {m}]")
+def _symmetrized(C):
+    """(C + C^T) / 2 with a -inf diagonal; blocked: a plain C + C.T is cache-hostile."""
+    m, B = C.shape[0], 256
     S = np.empty_like(C)
-    B = 256  # blocked transpose: a plain C + C.T is cache-hostile at n = 4096
     for i in range(0, m, B):
         for j in range(i, m, B):
             blk = C[i:i + B, j:j + B] + C[j:j + B, i:i + B].T
@@ -71,11 +70,7 @@ def _zip_setup(C, n_models, target, b):
             S[i:i + B, j:j + B] = blk
             S[j:j + B, i:i + B] = blk.T
     np.fill_diagonal(S, _NEG)
-    budget = int(b * (m - target) / n_models + 1e-9)
-    if budget <= 0:
-        for t in range(n_models):
-            S[t * n:(t + 1) * n, t * n:(t + 1) * n] = _NEG
-    return S, n, target, budget
+    return S
 
 
 def _merge_into(S, p, q, alive, a):
@@ -96,20 +91,84 @@ def _mask_model(S, t, n, alive):
     S[np.ix_(live, live)] = _NEG
 
 
-def _labels_from_parents(parent: np.ndarray) -> np.ndarray:
-    root = parent.copy()
-    while True:  # pointer jumping; parent[q] < q, so this terminates
-        nxt = root[root]
-        if np.array_equal(nxt, root):
-            break
-        root = nxt
-    _, labels = np.unique(root, return_inverse=True)  # ordered by smallest member
-    return labels.astype(np.int64)
+class _Progress:
+    """Merges so far, shared by the greedy phases: cluster r's members have root r."""
+
+    def __init__(self, m, n, n_models):
+        self.n, self.n_models = n, n_models
+        self.alive = np.ones(m, dtype=bool)
+        self.parent = np.arange(m)
+        self.merges: list[tuple[int, int]] = []
+        self.masked = False  # whether any budget mask was applied
+
+    def merge(self, p, q):
+        self.alive[q] = False
+        self.parent[q] = p
+        self.merges.append((p, q))
+
+    def labels(self) -> np.ndarray:
+        root = self.parent.copy()
+        while True:  # pointer jumping; parent[q] < q, so this terminates
+            nxt = root[root]
+            if np.array_equal(nxt, root):
+                break
+            root = nxt
+        _, labels = np.unique(root, return_inverse=True)  # ordered by smallest member
+        return labels.astype(np.int64)
 
 
-def _no_pair_error(done, need):
-    return ValueError(f"zip: no mergeable pair left after {done} of {need} merges "
-                      "(a <= 0 or exhausted same-model budgets); raise a, b or target")
+def _zip(C, n_models, target, a, b, greedy):
+    """Run ``greedy`` with budgets; if it gets stuck, lift the budget masks and finish."""
+    C = np.asarray(C, dtype=np.float64)
+    n = _units_per_model(C, n_models)
+    m = C.shape[0]
+    target = n if target is None else int(target)
+    if not 1 <= target <= m:
+        raise ValueError(f"zip target {target} outside [1, {m}]")
+    budget = int(b * (m - target) / n_models + 1e-9)
+    S = _symmetrized(C)
+    prog = _Progress(m, n, n_models)
+    if budget <= 0:
+        prog.masked = True
+        for t in range(n_models):
+            S[t * n:(t + 1) * n, t * n:(t + 1) * n] = _NEG
+    greedy(S, prog, budget, a, m - target)
+    if len(prog.merges) < m - target and prog.masked:
+        # The -inf budget masks spread through the min of merged rows and can leave no
+        # admissible pair (N > 2, small b); ZipIt's argmax then merges garbage. Recompute the
+        # similarities of the same merges without masks and finish without budgets.
+        logger.warning("zip: same-model budgets exhausted every pair after %d of %d merges; "
+                       "finishing without budgets", len(prog.merges), m - target)
+        S = _symmetrized(C)
+        replay = np.ones(m, dtype=bool)
+        for p, q in prog.merges:
+            replay[q] = False
+            _merge_into(S, p, q, replay, a)
+        S[~prog.alive] = _NEG
+        S[:, ~prog.alive] = _NEG
+        greedy(S, prog, None, a, m - target - len(prog.merges))
+    if len(prog.merges) < m - target:
+        raise ValueError(f"zip: no mergeable pair left after {len(prog.merges)} of "
+                         f"{m - target} merges (a <= 0 forbids re-merging); raise target or a")
+    return prog.labels()
+
+
+def _greedy_reference(S, prog, budget, a, n_merges):
+    m, n = S.shape[0], prog.n
+    spent = np.zeros(prog.n_models, dtype=np.int64)
+    for _ in range(n_merges):
+        p, q = divmod(int(np.argmax(S)), m)  # S symmetric: first maximum has p < q
+        if S[p, q] == _NEG:
+            return
+        prog.merge(p, q)
+        _merge_into(S, p, q, prog.alive, a)
+        S[q] = _NEG
+        S[:, q] = _NEG
+        if budget is not None and p // n == q // n:
+            spent[p // n] += 1
+            if spent[p // n] >= budget:
+                _mask_model(S, p // n, n, prog.alive)
+                prog.masked = True
 
 
 def zip_match_reference(C: np.ndarray, n_models: int, target: int | None = None,
@@ -120,31 +179,13 @@ def zip_match_reference(C: np.ndarray, n_models: int, target: int | None = None,
     >>> zip_match_reference(C, 2).tolist()
     [0, 1, 0, 1]
     """
-    S, n, target, budget = _zip_setup(C, n_models, target, b)
-    m = S.shape[0]
-    alive = np.ones(m, dtype=bool)
-    parent = np.arange(m)
-    spent = np.zeros(n_models, dtype=np.int64)
-    for step in range(m - target):
-        p, q = divmod(int(np.argmax(S)), m)  # S symmetric: first maximum has p < q
-        if S[p, q] == _NEG:
-            raise _no_pair_error(step, m - target)
-        alive[q] = False
-        parent[q] = p
-        _merge_into(S, p, q, alive, a)
-        S[q] = _NEG
-        S[:, q] = _NEG
-        if p // n == q // n:
-            spent[p // n] += 1
-            if spent[p // n] >= budget:
-                _mask_model(S, p // n, n, alive)
-    return _labels_from_parents(parent)
+    return _zip(C, n_models, target, a, b, _greedy_reference)
 
 
-# Chunk sizes of a row's sorted candidate list: the first chunk after a row is (re)created is
-# its argmax; each exhausted chunk is refilled with the next, larger one, so a row costs at most
-# len(_CHUNKS) O(m) passes per creation: O(m^2 log m) overall even when every row's favourite
-# partners keep being merged away (a dominant shared factor in the similarity).
+# Chunk sizes of a row's sorted candidate list: the first chunk after a row is (re)built is its
+# argmax; each exhausted chunk is refilled with the next, larger one (None: all the rest), so a
+# row costs at most len(_CHUNKS) O(m log m) passes per build, O(m^2 log m) overall, even when
+# every row's favourite partners keep being merged away (a dominant shared factor in C).
 _CHUNKS = (1, 32, 1024, None)
 _BATCH_ELEMS = 1 << 21  # rows refilled together: bounds the (rows, m) temporaries to ~16 MB
 
@@ -164,18 +205,17 @@ class _FastZip:
     and the pair is not budget-masked. Of the two rows of a pair, the one rebuilt last still
     holds a valid entry for it, so the best head is the global best pair."""
 
-    def __init__(self, S, n, n_models, a, budget):
+    def __init__(self, S, prog, budget, a):
         m = S.shape[0]
-        self.S, self.n, self.a, self.budget, self.m = S, n, a, budget, m
+        self.S, self.prog, self.n, self.a, self.budget, self.m = S, prog, prog.n, a, budget, m
         self.idx = np.arange(m)
-        self.model = self.idx // n
-        self.alive = np.ones(m, dtype=bool)
-        self.parent = np.arange(m)
+        self.model = self.idx // prog.n
+        self.alive = prog.alive
         self.ver = np.zeros(m, dtype=np.int64)      # step at which a cluster last changed
         self.ctime = np.zeros(m, dtype=np.int64)    # step at which a row's chunk was read
         self.level = np.ones(m, dtype=np.int64)     # index into _CHUNKS of the next chunk
-        self.spent = np.zeros(n_models, dtype=np.int64)
-        self.masked = np.full(n_models, budget <= 0)
+        self.spent = np.zeros(prog.n_models, dtype=np.int64)
+        self.masked = np.full(prog.n_models, budget is not None and budget <= 0)
         self.step = 0
         self.hc = np.argmax(S, axis=1)              # first chunk: the row's best, lowest col
         self.hv = S[self.idx, self.hc]
@@ -185,7 +225,7 @@ class _FastZip:
         self.ptr = self.idx.copy()
         self.pend = self.idx + 1
         self.used = m
-        empty = self.hv == _NEG
+        empty = self.hv == _NEG                     # dead rows of S are all -inf
         self.hc[empty] = -1
         self.ptr[empty] = self.pend[empty]
 
@@ -214,8 +254,11 @@ class _FastZip:
 
     def _refill(self, rows):
         """Next chunk of each row: live candidates whose key comes after the last chunk's."""
+        # a row whose last chunk held all its candidates owns no valid pair any more: it stays
+        # empty until rebuilt, which bounds the refills per row by len(_CHUNKS)
+        rows = rows[self.level[rows] < len(_CHUNKS)]
         self.ctime[rows] = self.step
-        levels = np.minimum(self.level[rows], len(_CHUNKS) - 1)
+        levels = self.level[rows]
         self.level[rows] += 1
         batch = max(1, _BATCH_ELEMS // self.m)
         for lv in np.unique(levels):
@@ -335,27 +378,25 @@ class _FastZip:
         for step in range(1, n_merges + 1):
             pair = self._best_pair()
             if pair is None:
-                raise _no_pair_error(step - 1, n_merges)
+                return
             p, q = pair
             self.step = step
-            self.alive[q] = False
-            self.parent[q] = p
+            self.prog.merge(p, q)
             self.ver[p] = step
             self.hv[q], self.hc[q] = _NEG, -1
             _merge_into(self.S, p, q, self.alive, self.a)
             stale = np.flatnonzero((self.hc == p) | (self.hc == q))
             t = p // self.n
-            if t == q // self.n:
+            if self.budget is not None and t == q // self.n:
                 self.spent[t] += 1
                 if self.spent[t] >= self.budget and not self.masked[t]:
                     _mask_model(self.S, t, self.n, self.alive)
-                    self.masked[t] = True
+                    self.masked[t] = self.prog.masked = True
                     rows = np.flatnonzero((self.model == t) & (self.hc >= 0))
                     rows = rows[self.model[self.hc[rows]] == t]
                     stale = np.union1d(stale, rows)
             self._restart_row(p)
             self._settle(stale[stale != p])
-        return _labels_from_parents(self.parent)
 
 
 def zip_match(C: np.ndarray, n_models: int, target: int | None = None,
@@ -369,8 +410,8 @@ def zip_match(C: np.ndarray, n_models: int, target: int | None = None,
     >>> zip_match(C, 2).tolist()
     [0, 1, 0, 1]
     """
-    S, n, target, budget = _zip_setup(C, n_models, target, b)
-    return _FastZip(S, n, n_models, a, budget).run(S.shape[0] - target)
+    return _zip(C, n_models, target, a, b,
+                lambda S, prog, budget, a, k: _FastZip(S, prog, budget, a).run(k))
 
 
 # ---------------------------------------------------------------- merge / unmerge matrices
