@@ -14,7 +14,7 @@ COVERAGE_95 = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "efficientnet
 
 @pytest.fixture(scope="module")
 def sweep():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(2)
     return {row["model"]: row for row in run_check(torchvision_zoo())}
 
 

@@ -13,14 +13,17 @@ from torch import nn
 from ..ir.graph import PermutationGraph
 from ..ir.layout import spaces_of
 from .apply import load_tensors, named_tensors, transform_tensor
-from .solve import Alignment, _matrix_op
+from .solve import Alignment, AlignmentOps
 
 
 def rewrite(models: list[nn.Module], pg: PermutationGraph, alignment: Alignment) -> nn.Module:
     """One module of models[0]'s class holding the merged parameters and buffers."""
     N = len(models)
     tensors = [named_tensors(m) for m in models]
-    ops = [_matrix_op(alignment.M, alignment.U, i) for i in range(N)]
+    table = AlignmentOps(N, torch.float64)
+    for s in alignment.M:
+        table.set(s, alignment.M[s], alignment.U[s], alignment.perms.get(s))
+    ops = [table.op(i) for i in range(N)]
     by_fqn: dict[str, list] = {}
     for m in pg.members:
         by_fqn.setdefault(m.fqn, []).append(m)

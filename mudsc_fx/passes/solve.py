@@ -86,16 +86,42 @@ def solve_units(pg: PermutationGraph) -> list[SolveUnit]:
     return units
 
 
-def _matrix_op(M: Mapping[int, tuple[np.ndarray, ...]], U: Mapping[int, tuple[np.ndarray, ...]], i: int) -> SpaceOp:
-    cacheM = {s: torch.as_tensor(m[i]) for s, m in M.items()}
-    cacheU = {s: torch.as_tensor(u[i]).T.contiguous() for s, u in U.items()}
+class AlignmentOps:
+    """Per-model space operations for the current matching: a gather for permutations, a
+    matrix product for zip merges. ``op(i)`` is the SpaceOp of model i (see apply.py)."""
 
-    def op(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
-        A = (cacheM if role == "out" else cacheU).get(s)
-        if A is None:
-            return t
-        return torch.tensordot(A.to(t.dtype), t, dims=([1], [axis])).movedim(0, axis)
-    return op
+    def __init__(self, n_models: int, dtype: torch.dtype = torch.float64):
+        self.N, self.dtype = n_models, dtype
+        self.perm: list[dict[int, torch.Tensor]] = [{} for _ in range(n_models)]
+        self.mat: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n_models)]
+
+    def set(self, s: int, M, U, perms=None) -> None:
+        for i in range(self.N):
+            self.perm[i].pop(s, None)
+            self.mat[i].pop(s, None)
+            if perms is not None and M[i].shape[0] == M[i].shape[1]:
+                # M_i = P_i / N, U_i = P_i^T: gather, then scale out-axes by the 1/N factor of M
+                self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
+            else:
+                self.mat[i][s] = (torch.as_tensor(M[i], dtype=self.dtype),
+                                  torch.as_tensor(U[i], dtype=self.dtype).T.contiguous())
+
+    def op(self, i: int) -> SpaceOp:
+        perm, mat, N = self.perm[i], self.mat[i], self.N
+
+        def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
+            idx = perm.get(s)
+            if idx is not None:
+                out = t.index_select(axis, idx)
+                return out / N if role == "out" else out
+            pair = mat.get(s)
+            if pair is None:
+                return t
+            A = pair[0] if role == "out" else pair[1]
+            moved = t.movedim(axis, 0)
+            res = (A.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape((A.shape[0],) + moved.shape[1:])
+            return res.movedim(0, axis)
+        return apply
 
 
 def _objective_align(C: np.ndarray, perms: list[np.ndarray]) -> float:
@@ -116,14 +142,16 @@ class _Solver:
         self.M: dict[int, tuple[np.ndarray, ...]] = {}
         self.U: dict[int, tuple[np.ndarray, ...]] = {}
         self.perms: dict[int, tuple[np.ndarray, ...]] = {}
+        self.ops = AlignmentOps(self.N, torch.float32)  # similarity only: float32 is plenty
+        self.f32 = [{k: v.detach().float() for k, v in t.items() if v.is_floating_point()} for t in tensors]
 
     def similarity(self, s: int, alpha: float) -> np.ndarray:
         ca = None if self.stats is None else self.stats.corr.get(s)
         dead = None if ca is None else self.stats.dead[s]
         if alpha <= 0.0 and ca is not None and not dead.any():
             return ca
-        ops = [_matrix_op(self.M, self.U, i) for i in range(self.N)]
-        cw = weight_similarity(self.pg, self.tensors, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize)
+        ops = [self.ops.op(i) for i in range(self.N)]
+        cw = weight_similarity(self.pg, self.f32, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize)
         if ca is None or alpha >= 1.0:
             return cw
         if dead.any():  # units that never varied on the data: only their weights can tell them apart
@@ -200,18 +228,23 @@ class _Solver:
     def _set_perms(self, s: int, perms) -> None:
         M, U = match.matrices_from_perms(perms)
         self.M[s], self.U[s], self.perms[s] = tuple(M), tuple(U), tuple(np.asarray(p) for p in perms)
+        self.ops.set(s, self.M[s], self.U[s], self.perms[s])
 
     def _set_labels(self, s: int, labels) -> None:
         n = len(labels) // self.N
         M, U = match.matrices_from_labels(np.asarray(labels), self.N, n)
         self.M[s], self.U[s] = tuple(M), tuple(U)
         self.perms.pop(s, None)
+        self.ops.set(s, self.M[s], self.U[s])
 
     def snapshot(self):
         return dict(self.M), dict(self.U), dict(self.perms)
 
     def restore(self, snap) -> None:
         self.M, self.U, self.perms = (dict(x) for x in snap)
+        self.ops = AlignmentOps(self.N, torch.float32)
+        for s in self.M:
+            self.ops.set(s, self.M[s], self.U[s], self.perms.get(s))
 
 
 def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mapping[str, torch.Tensor]],

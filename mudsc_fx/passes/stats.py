@@ -165,9 +165,6 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
                     if s not in wanted:
                         continue
                     feats = torch.cat([per_model[i][k][1] for i in range(N)], dim=1).to(torch.float64)
-                    if not torch.isfinite(feats).all():
-                        raise ValueError(f"non-finite activations at node {t.node} (space S{s}): check the models' "
-                                         "weights and the calibration data")
                     sums[s] += feats.sum(0)
                     prods[s] += feats.T @ feats
                     count[s] += feats.shape[0]
@@ -175,6 +172,10 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
         raise ValueError("the calibration data is empty")
     corr, dead = {}, {}
     for s in chunk:
+        if not (torch.isfinite(sums[s]).all() and torch.isfinite(prods[s]).all()):
+            nodes = sorted({t.node for t in taps[s]})
+            raise ValueError(f"non-finite activations at {', '.join(nodes)} (space S{s}): check the models' "
+                             "weights and the calibration data")
         n = max(count[s], 1)
         mean = sums[s] / n
         cov = prods[s] / n - torch.outer(mean, mean)

