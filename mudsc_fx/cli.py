@@ -192,13 +192,16 @@ def cmd_merge(args) -> int:
             return _fail(f"--method {args.method} needs --base BASE_CHECKPOINT")
         base = load_model(args.arch)
         base.load_state_dict(_load_state(args.base))
+        example = next(iter(data)) if data is not None else _example(args.input_shape)
+        heads = mf.infer(base.eval(), example).output_params()  # task heads stay per task
         if args.method == "emr":
-            emr = mf.emr_merge(base, models)
+            emr = mf.emr_merge(base, models, keep=heads)
             emr.save(args.output)
             print(f"wrote EMR artifact with {len(emr)} tasks to {args.output} ({Path(args.output).stat().st_size / 1e6:.2f} MB)")
             return 0
         merged = mf.task_arithmetic(base, models, lam=args.lam) if args.method == "task_arithmetic" \
             else mf.ties_merge(base, models, lam=args.lam)
+        print(f"kept from the base (swap in each task's own): {', '.join(heads) or 'nothing'}")
     else:
         example = None if data is not None else _example(args.input_shape)
         merged = mf.merge(models, data, method=args.method, alpha=args.alpha, seed=args.seed,

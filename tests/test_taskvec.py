@@ -493,11 +493,62 @@ def test_align_hook_aligns_fine_tuned_models_only(monkeypatch):
 
     def align_models(modules, data, method):
         seen.update(count=len(modules), data=data, method=method,
-                    copies=all(m is not o for m, o in zip(modules, models)))
+                    copies=all(m is not o for m, o in zip(modules[1:], models)))
         return modules
 
     monkeypatch.setitem(sys.modules, "mudsc_fx.merge", types.SimpleNamespace(align_models=align_models))
     aligned = emr_merge(base, [models[0], models[1].state_dict()], align="weight", data="batches")
-    assert seen == {"count": 2, "data": "batches", "method": "weight", "copies": True}
+    assert seen == {"count": 3, "data": "batches", "method": "weight", "copies": True}  # base is the anchor
     plain = emr_merge(base, models)
     assert torch.equal(aligned.tau_uni, plain.tau_uni) and aligned.rescalers == plain.rescalers
+
+
+# ------------------------------------------------------------------ align first (real engine)
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x)) + x
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["act_align", "rebasin"])
+def test_align_then_emr_recovers_the_unpermuted_result(method):
+    """Two 'differently initialised' models = fine-tunes of one base, each permuted at random.
+    Aligning them to the base first must give back the EMR result of the unpermuted case."""
+    import numpy as np
+    import mudsc_fx as mf
+    from mudsc_fx.passes.apply import apply_permutations, random_permutations
+
+    torch.manual_seed(0)
+    base = _ConvNet().eval()
+    tuned = []
+    for s in range(2):
+        m = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(10 + s)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+        tuned.append(m)
+    x = torch.randn(2, 1, 6, 6)
+    pg = mf.infer(base, x)
+    rng = np.random.default_rng(5)
+    permuted = [apply_permutations(m, pg, random_permutations(pg, rng)) for m in tuned]
+    data = [torch.randn(64, 1, 6, 6, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    heads = pg.output_params()
+    assert set(heads) == {"fc.weight", "fc.bias"}
+    plain = emr_merge(base, tuned, keep=heads)
+    aligned = emr_merge(base, permuted, keep=heads, align=method, data=data)
+    assert_close(aligned.tau_uni, plain.tau_uni)
+    assert aligned.rescalers == pytest.approx(plain.rescalers)
+    for t in range(2):
+        with torch.no_grad():
+            assert_close(aligned.task(t)(x), plain.task(t)(x))
+    # without alignment the permuted models give a different (wrong) unified task vector
+    naive = emr_merge(base, permuted, keep=heads)
+    assert not torch.allclose(naive.tau_uni, plain.tau_uni)

@@ -103,6 +103,17 @@ class PermutationGraph:
     def members_of(self, fqn: str) -> tuple[Member, ...]:
         return tuple(m for m in self.members if m.fqn == fqn)
 
+    def output_params(self) -> tuple[str, ...]:
+        """Parameters that produce model outputs (classifier / task heads): those with an
+        `out` axis in a space fixed because it reaches a returned tensor."""
+        out = []
+        for m in self.members:
+            if m.role == "out" and any(self.spaces[s].reaches_output for s in spaces_of(m.layout)):
+                out.append(m.fqn)
+        names = set(out)
+        out += [alias for alias, canon in self.aliases if canon in names]
+        return tuple(dict.fromkeys(out))
+
     def ties(self) -> dict[int, tuple[int, ...]]:
         """head space -> the blocked unit spaces that share its block permutation."""
         out: dict[int, list[int]] = {}

@@ -204,9 +204,10 @@ def _aligned_sources(base: nn.Module, layout: Layout, sources: list[ModelSource]
     except ImportError as err:
         raise NotImplementedError(f"emr_merge(align={method!r}) needs mudsc_fx.merge.align_models, "
                                   f"which is not available ({err})") from err
-    # Private copies: alignment permutes weights, and inputs must not change.
+    # Private copies: alignment permutes weights, and inputs must not change. The base is the
+    # anchor, so every fine-tuned model lands in the basis its task vector is taken in.
     modules = [as_module(source, index, base, layout) for index, source in enumerate(sources)]
-    aligned = list(align_models(modules, data, method=method))
+    aligned = list(align_models([base] + modules, data, method=method))[1:]
     if len(aligned) != len(modules):
         raise ValueError(f"align_models returned {len(aligned)} models for {len(modules)} inputs")
     return aligned
@@ -219,8 +220,9 @@ def emr_merge(base: nn.Module, models: Iterable[ModelSource], rescale: str = "pa
     ``models`` items are modules, state dicts, ``.pt``/``.safetensors`` paths or zero-argument
     callables returning one; they are loaded lazily, once per pass (two passes). ``keep``
     (regex, ``callable(name)``, or names) selects per-task entries such as heads. With
-    ``align`` set, ``mudsc_fx.merge.align_models(models, data, method=align)`` first permutes
-    the fine-tuned models (not the base) into model 0's basis; this loads all of them at once.
+    ``align`` set (act_align, mudsc_align or rebasin), ``mudsc_fx.merge.align_models`` first
+    permutes every fine-tuned model into the base's basis (the base is the anchor and is not
+    changed); this loads all of them at once.
 
     >>> import torch.nn as nn
     >>> torch.manual_seed(0) and None
