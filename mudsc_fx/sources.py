@@ -86,12 +86,16 @@ def torchvision_zoo() -> list[ZooEntry]:
 
 
 def _param_count(name: str) -> int:
-    """Parameter count without allocating weights (meta device)."""
+    """Parameter count without allocating weights: from the weights' metadata (no download),
+    else by building on the meta device."""
     import torch
     import torchvision
-    with torch.device("meta"):
-        m = torchvision.models.get_model(name, weights=None)
-    return sum(p.numel() for p in m.parameters())
+    try:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+    except Exception:
+        with torch.device("meta"):
+            m = torchvision.models.get_model(name, weights=None)
+        return sum(p.numel() for p in m.parameters())
 
 
 def timm_zoo(names: Optional[list[str]] = None) -> list[ZooEntry]:
