@@ -142,6 +142,7 @@ def _zip(C, n_models, target, a, b, greedy):
         # similarities of the same merges without masks and finish without budgets.
         logger.warning("zip: same-model budgets exhausted every pair after %d of %d merges; "
                        "finishing without budgets", len(prog.merges), m - target)
+        del S
         S = _symmetrized(C)
         replay = np.ones(m, dtype=bool)
         for p, q in prog.merges:
@@ -460,7 +461,8 @@ def zip_match(C: np.ndarray, n_models: int, target: int | None = None,
     """ZipIt greedy clustering of the N n stacked units into ``target`` (default n) clusters.
 
     Same labels as :func:`zip_match_reference` in O(n^2 log n). Labels are numbered in order of
-    each cluster's smallest member.
+    each cluster's smallest member; a cluster's model is that member's model (see the notes
+    above ``_symmetrized`` for budgets, masks and ties).
 
     >>> C = np.array([[1., .2, .9, .1], [.2, 1., .1, .8], [.9, .1, 1., .3], [.1, .8, .3, 1.]])
     >>> zip_match(C, 2).tolist()
