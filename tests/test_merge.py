@@ -234,3 +234,40 @@ def test_error_different_classes():
         pass
     with pytest.raises(ValueError, match="model 1 is a Other"):
         mf.merge([_mlp(), Other(*_mlp())], DATA)
+
+
+def test_statistics_in_chunks_equal_one_pass():
+    t, a, b = _two_models("resnet_bn")
+    data = _calibration(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pg = mf.infer(a, _inputs(t))
+    one = mf.collect_stats([a, b], pg, data)
+    budget = 8 * (2 * 16) ** 2 + 1  # room for exactly one 16-unit space per pass
+    many = mf.collect_stats([a, b], pg, data, budget_bytes=budget)
+    assert one.corr.keys() == many.corr.keys() and len(one.corr) >= 4
+    for s in one.corr:
+        np.testing.assert_allclose(one.corr[s], many.corr[s], atol=1e-12)
+        assert one.corr[s].shape == (2 * pg.size(s), 2 * pg.size(s))
+        assert np.isfinite(one.corr[s]).all()
+
+
+def test_statistics_match_a_slow_reference():
+    """Pearson correlation of the stacked features, computed directly with numpy."""
+    t, a, b = _two_models("mlp")
+    data = _calibration(t)
+    pg = mf.infer(a, _inputs(t))
+    stats = mf.collect_stats([a, b], pg, data)
+    s = next(iter(stats.corr))
+    tap = next(tp for tp in pg.in_taps if tp.layout == mf.ir.layout.Plain(s))
+    from mudsc_fx.passes.stats import tap_module
+    feats = []
+    for m in (a, b):
+        vals = []
+        runner = tap_module(pg.gm, m, [tap.node])
+        with torch.no_grad():
+            for (xb,) in data:
+                vals.append(runner(xb)[0].double())
+        feats.append(torch.cat(vals).numpy())
+    ref = np.corrcoef(np.concatenate(feats, axis=1).T)
+    np.testing.assert_allclose(stats.corr[s], ref, atol=1e-8)
