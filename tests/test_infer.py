@@ -192,3 +192,21 @@ def test_fixed_params_option_pins_a_frozen_head():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
     pg = mf.infer(model, torch.randn(2, 4), fixed_params=["0.weight"])
     assert not pg.free_spaces
+
+
+def test_dict_outputs_and_several_inputs_are_barriers():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(3, 5)
+
+        def forward(self, x, y):
+            h = self.a(x)
+            return {"logits": self.b(h.relu()), "feat": h, "other": self.c(y)}
+
+    model = TwoHeads()
+    pg = mf.infer(model, (torch.randn(2, 4), torch.randn(2, 3)))
+    assert not pg.free_spaces  # every produced space is returned
+    assert all(s.reaches_output for s in pg.spaces)
+    assert set(pg.output_params()) >= {"a.weight", "b.weight", "c.weight"}
+    assert mf.check(model, (torch.randn(2, 4), torch.randn(2, 3))).ok

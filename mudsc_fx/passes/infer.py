@@ -96,6 +96,8 @@ class InferContext:
             return self._resolve(self.labels.get(arg))
         if isinstance(arg, (tuple, list)):
             return tuple(self.label(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self.label(a) for k, a in arg.items()}
         return None
 
     def _resolve(self, lab: Any) -> Any:

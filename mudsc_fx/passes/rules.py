@@ -129,7 +129,6 @@ _register((torch.triu, torch.tril, "triu", "tril"), S.last_two_fixed)
 
 _register((nn.Linear, nn.LazyLinear), L.linear_module)
 _register((F.linear,), L.linear_function)
-_register((nn.Bilinear,), None)  # explicit barrier: two inputs contracted at once
 _register((nn.Conv1d, nn.Conv2d, nn.Conv3d), L.conv_module)
 _register((F.conv1d, F.conv2d, F.conv3d), L.conv_function)
 _register((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), L.conv_transpose_module)
@@ -148,9 +147,6 @@ _register((F.embedding,), L.embedding_function)
 _register((nn.MultiheadAttention,), L.multihead_attention)
 _register((F.scaled_dot_product_attention,), S.sdpa)
 _register((torch.addmm, "addmm"), S.addmm)
-_register((nn.Sequential,), None)
-
-RULES = {k: v for k, v in RULES.items() if v is not None}
 
 
 def _register_optional() -> None:

@@ -499,7 +499,7 @@ def _slice_label(ctx: InferContext, a: AxisLabel, n: int, sl: slice, why: str) -
     if refined is None:
         ctx.table.fix_label(a, why)
         return None
-    piece = refined[[c for c in cuts].index(stop)] if stop > 0 else None
+    piece = refined[cuts.index(stop)] if stop > 0 else None
     return None if piece is None or isinstance(piece, Fixed) else piece
 
 
@@ -541,9 +541,8 @@ def getitem(ctx: InferContext, node: fx.Node):
             continue
         a = cur[axis]
         if isinstance(it, int):
-            if isinstance(a, Parts):
-                sub = _substitute_part(ctx, TensorLabel(tuple(cur)), a, it % shp[axis])
-                cur = sub
+            if isinstance(a, Parts):  # picking part t: the other axes now speak of part t
+                cur = _substitute_part(ctx, TensorLabel(tuple(cur)), a, it % shp[axis])
                 res = [_sub_one(ctx, r, a, it % shp[axis]) for r in res]
             elif a is not None:
                 ctx.table.fix_label(a, why)
