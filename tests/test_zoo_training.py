@@ -11,14 +11,6 @@ from mudsc_fx.zoo.train import cache_path, finetune, run_count, train, train_cac
 SHAPES = {"digits": ((1, 8, 8), 1437, 360), "mnist": ((1, 28, 28), 4000, 1000), "mnist1d": ((1, 40), 4000, 1000)}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_dataset_shapes_and_split(name):
     ds = load_dataset(name)
