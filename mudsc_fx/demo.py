@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 DEMO_ARCHS = {"digits": ("resnet20", {"width": 2}), "mnist": ("resnet20", {"width": 2})}
-EPOCHS = {"digits": 30, "mnist": 4}
 
 
 def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 0, arch: str | None = None,
@@ -35,12 +34,13 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     head = zoo.ClassHead(ds.num_classes, seed=seed)
     arch_name, kw = (arch, {}) if arch else DEMO_ARCHS[dataset]
     models = []
+    fit_kw = zoo.recipe(arch_name, ds)  # tuned epochs / lr / batch size for this arch and data set
     for i, classes in enumerate((task_a, task_b)):
         key = {"demo": 1, "dataset": dataset, "arch": arch_name, "kw": kw, "classes": list(classes),
-               "seed": seed * 10 + i + 1, "epochs": EPOCHS[dataset]}
+               "seed": seed * 10 + i + 1, **fit_kw}
 
         def fit(m, classes=classes, i=i):
-            return zoo.train(m, head, ds.x_train, ds.y_train, classes, epochs=EPOCHS[dataset], seed=seed * 10 + i + 1)
+            return zoo.train(m, head, ds.x_train, ds.y_train, classes, seed=seed * 10 + i + 1, **fit_kw)
         models.append(zoo.train_cached(key, lambda i=i: zoo.build(arch_name, ds, seed=seed * 10 + i + 1, **kw),
                                        fit=fit).eval())
     timings["train (or load cached)"] = time.perf_counter() - t0
