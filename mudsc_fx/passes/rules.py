@@ -52,7 +52,7 @@ _UNARY_METHODS = (
     "log1p", "expm1", "floor", "ceil", "round", "logical_not", "nan_to_num",
 )
 _BINARY = (
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.mod,
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.eq, operator.ne,
     operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_,
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,

@@ -686,7 +686,7 @@ def sdpa(ctx: InferContext, node: fx.Node):
     scores = matmul_labels(ctx, lq, sq, lkt, skt, why)
     s_shape = tuple(torch.broadcast_shapes(tuple(sq[:-2]), tuple(sk[:-2]))) + (sq[-2], sk[-2])
     mask = arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node):
+    if ctx.is_tensor(mask):
         scores = broadcast(ctx, [scores, ctx.tlabel(mask)], [s_shape, ctx.shape(mask)], s_shape, why)
     return matmul_labels(ctx, scores, s_shape, lv, sv, why)
 

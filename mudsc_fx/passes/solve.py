@@ -142,15 +142,37 @@ class _Solver:
         self.M: dict[int, tuple[np.ndarray, ...]] = {}
         self.U: dict[int, tuple[np.ndarray, ...]] = {}
         self.perms: dict[int, tuple[np.ndarray, ...]] = {}
+        self.labels: dict[int, np.ndarray] = {}
         self.ops = AlignmentOps(self.N, torch.float32)  # similarity only: float32 is plenty
         self.f32 = [{k: v.detach().float() for k, v in t.items() if v.is_floating_point()} for t in tensors]
+        # Matching a unit is a pure function of its similarities, which depend only on alpha and
+        # on the current matching of the spaces its weight features read (recorded as they are
+        # read). version[s] counts the changes of space s; a unit whose inputs did not change
+        # since it was last matched replays that result instead of recomputing it.
+        self.version: dict[int, int] = {}
+        self._cache: dict[str, tuple] = {}
+        self._read: Optional[set] = None
+        self._calls: Optional[list] = None
+
+    def _ops(self) -> list:
+        ops = [self.ops.op(i) for i in range(self.N)]
+        read = self._read
+        if read is None:
+            return ops
+
+        def recording(op):
+            def apply(s, t, axis, role):
+                read.add(s)
+                return op(s, t, axis, role)
+            return apply
+        return [recording(op) for op in ops]
 
     def similarity(self, s: int, alpha: float) -> np.ndarray:
         ca = None if self.stats is None else self.stats.corr.get(s)
         dead = None if ca is None else self.stats.dead[s]
         if alpha <= 0.0 and ca is not None and not dead.any():
             return ca
-        ops = [self.ops.op(i) for i in range(self.N)]
+        ops = self._ops()
         cw = weight_similarity(self.pg, self.f32, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize)
         if ca is None or alpha >= 1.0:
             return cw
@@ -161,7 +183,26 @@ class _Solver:
         return alpha * cw + (1.0 - alpha) * ca
 
     def match_unit(self, unit: SolveUnit, alpha: float) -> float:
-        Cs = [self.similarity(s, alpha) for s in unit.spaces]
+        hit = self._cache.get(unit.name)
+        if hit is not None and hit[0] == alpha and all(self.version.get(d, 0) == v for d, v in hit[1]):
+            for kind, s, value in hit[2]:
+                (self._set_perms if kind == "perms" else self._set_labels)(s, value)
+            return hit[3]
+        self._read = set()
+        try:
+            Cs = [self.similarity(s, alpha) for s in unit.spaces]
+        finally:
+            read, self._read = self._read, None
+        deps = tuple((d, self.version.get(d, 0)) for d in sorted(read))
+        self._calls = []
+        try:
+            score = self._match(unit, Cs, alpha)
+        finally:
+            calls, self._calls = self._calls, None
+        self._cache[unit.name] = (alpha, deps, tuple(calls), score)
+        return score
+
+    def _match(self, unit: SolveUnit, Cs: list[np.ndarray], alpha: float) -> float:
         N, cfg = self.N, self.cfg
         if unit.head is None:
             s, C = unit.spaces[0], Cs[0]
@@ -226,25 +267,49 @@ class _Solver:
         return perms if how == "align" else labels
 
     def _set_perms(self, s: int, perms) -> None:
+        perms = tuple(np.asarray(p) for p in perms)
+        if self._calls is not None:
+            self._calls.append(("perms", s, perms))
+        old = self.perms.get(s)
+        if s in self.M and old is not None and len(old) == len(perms) and all(
+                np.array_equal(a, b) for a, b in zip(old, perms)):
+            return  # unchanged: keep the matrices, the ops and the version
         M, U = match.matrices_from_perms(perms)
-        self.M[s], self.U[s], self.perms[s] = tuple(M), tuple(U), tuple(np.asarray(p) for p in perms)
+        self.M[s], self.U[s], self.perms[s] = tuple(M), tuple(U), perms
+        self.labels.pop(s, None)
         self.ops.set(s, self.M[s], self.U[s], self.perms[s])
+        self.version[s] = self.version.get(s, 0) + 1
 
     def _set_labels(self, s: int, labels) -> None:
+        labels = np.asarray(labels)
+        if self._calls is not None:
+            self._calls.append(("labels", s, labels))
+        old = self.labels.get(s)
+        if s in self.M and s not in self.perms and old is not None and np.array_equal(old, labels):
+            return
         n = len(labels) // self.N
-        M, U = match.matrices_from_labels(np.asarray(labels), self.N, n)
+        M, U = match.matrices_from_labels(labels, self.N, n)
         self.M[s], self.U[s] = tuple(M), tuple(U)
         self.perms.pop(s, None)
+        self.labels[s] = labels
         self.ops.set(s, self.M[s], self.U[s])
+        self.version[s] = self.version.get(s, 0) + 1
 
     def snapshot(self):
-        return dict(self.M), dict(self.U), dict(self.perms)
+        return dict(self.M), dict(self.U), dict(self.perms), dict(self.labels)
 
     def restore(self, snap) -> None:
-        self.M, self.U, self.perms = (dict(x) for x in snap)
-        self.ops = AlignmentOps(self.N, torch.float32)
-        for s in self.M:
-            self.ops.set(s, self.M[s], self.U[s], self.perms.get(s))
+        M = snap[0]
+        changed = [s for s in set(self.M) | set(M) if self.M.get(s) is not M.get(s)]
+        self.M, self.U, self.perms, self.labels = (dict(x) for x in snap)
+        for s in changed:
+            self.version[s] = self.version.get(s, 0) + 1
+            if s in self.M:
+                self.ops.set(s, self.M[s], self.U[s], self.perms.get(s))
+            else:
+                for i in range(self.N):
+                    self.ops.perm[i].pop(s, None)
+                    self.ops.mat[i].pop(s, None)
 
 
 def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mapping[str, torch.Tensor]],

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from scipy.linalg.blas import dsyrk as _dsyrk
 from torch import nn
 
 from ..ir.graph import PermutationGraph, Tap
@@ -136,6 +137,53 @@ def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Itera
     return Statistics(corr, samples, dead, N)
 
 
+class _Gram:
+    """Float64 sums and sums of outer products of the rows of feature matrices.
+
+    The N models' feature blocks of one tap are copied once into a float64 buffer
+    [samples, N n + 1] whose last column is 1, and BLAS ``dsyrk`` adds the lower triangle of
+    buffer^T buffer in place: one call gives the products (half the work of a full matmul),
+    the column sums (last row) and the sample count (corner), with no temporaries."""
+
+    def __init__(self):
+        self.flat = torch.empty(0, dtype=torch.float64)
+
+    def buffer(self, rows: int, cols: int) -> torch.Tensor:
+        if self.flat.numel() < rows * cols:
+            self.flat = torch.empty(rows * cols, dtype=torch.float64)
+        buf = self.flat[:rows * cols].view(rows, cols)
+        buf[:, -1] = 1.0
+        return buf
+
+    @staticmethod
+    def accumulate(acc: np.ndarray, buf: torch.Tensor) -> None:
+        # acc (C order) seen as acc.T is Fortran-ordered, as is buf.T: BLAS works in place
+        out = _dsyrk(1.0, buf.numpy().T, beta=1.0, c=acc.T, trans=0, lower=0, overwrite_c=1)
+        if not np.shares_memory(out, acc):  # pragma: no cover - f2py copied after all
+            acc[...] = out.T
+
+    @staticmethod
+    def finish(acc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column sums, full symmetric products) from the lower triangle filled above."""
+        low = np.tril(acc)
+        full = low + np.tril(low, -1).T
+        m = acc.shape[0] - 1
+        return torch.from_numpy(full[m, :m].copy()), torch.from_numpy(full[:m, :m].copy())
+
+
+def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
+    """Like :func:`tap_features`, but a plain tap stays a view [..., n] (no reshape copy)."""
+    if not isinstance(tap.layout, Plain):
+        return tap_features(value, tap, params, size)
+    v = value.movedim(tap.axis, -1)
+    if tap.proj is not None:
+        wname, bname, start, stop, bstart = tap.proj
+        w = params[wname][start:stop]
+        b = None if bname is None else params[bname][bstart:bstart + (stop - start)]
+        v = F.linear(v, w.to(v.dtype), None if b is None else b.to(v.dtype))
+    return [(tap.layout.space, v)]
+
+
 def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
     N = len(models)
     chunk_taps = list(dict.fromkeys(t for s in chunk for t in taps[s]))
@@ -144,8 +192,8 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
     ordered = [n.name for n in pg.gm.graph.nodes if n.name in set(node_names) and n.op != "output"]
     params = [dict(list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False)))
               for m in models]
-    sums = {s: torch.zeros(N * pg.size(s), dtype=torch.float64) for s in chunk}
-    prods = {s: torch.zeros(N * pg.size(s), N * pg.size(s), dtype=torch.float64) for s in chunk}
+    gram = _Gram()
+    acc = {s: np.zeros((N * pg.size(s) + 1, N * pg.size(s) + 1)) for s in chunk}
     count = {s: 0 for s in chunk}
     wanted = set(chunk)
     it = data
@@ -159,26 +207,33 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
             inputs = as_input_tuple(input_fn(batch))
             outs = [dict(zip(ordered, r(*inputs))) for r in runners]
             for t in chunk_taps:
-                per_model = [tap_features(outs[i][t.node], t, params[i], pg.size) for i in range(N)]
+                per_model = [_tap_blocks(outs[i][t.node], t, params[i], pg.size) for i in range(N)]
                 for k in range(len(per_model[0])):
                     s = per_model[0][k][0]
                     if s not in wanted:
                         continue
-                    feats = torch.cat([per_model[i][k][1] for i in range(N)], dim=1).to(torch.float64)
-                    sums[s] += feats.sum(0)
-                    prods[s] += feats.T @ feats
-                    count[s] += feats.shape[0]
+                    n = pg.size(s)
+                    rows = per_model[0][k][1].numel() // n
+                    buf = gram.buffer(rows, N * n + 1)
+                    for i in range(N):
+                        f = per_model[i][k][1]
+                        buf[:, i * n:(i + 1) * n].view(f.shape).copy_(f)
+                    gram.accumulate(acc[s], buf)
+                    count[s] += rows
+    del gram
     if n_batches == 0:
         raise ValueError("the calibration data is empty")
     corr, dead = {}, {}
     for s in chunk:
-        if not (torch.isfinite(sums[s]).all() and torch.isfinite(prods[s]).all()):
+        if not np.isfinite(acc[s]).all():
             nodes = sorted({t.node for t in taps[s]})
             raise ValueError(f"non-finite activations at {', '.join(nodes)} (space S{s}): check the models' "
                              "weights and the calibration data")
+        sums, prods = _Gram.finish(acc[s])
+        acc[s] = None
         n = max(count[s], 1)
-        mean = sums[s] / n
-        cov = prods[s] / n - torch.outer(mean, mean)
+        mean = sums / n
+        cov = prods / n - torch.outer(mean, mean)
         var = cov.diagonal().clone()
         is_dead = var <= 1e-10 * max(var.abs().max().item(), 1e-30)
         std = var.clamp_min(1e-30).sqrt()
