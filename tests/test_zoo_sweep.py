@@ -52,3 +52,13 @@ def test_window_attention_models_have_structured_heads(name):
     # the relative position bias tables move with the heads
     table_members = [m for h in heads for m in h.members if "relative_position" in m.fqn]
     assert table_members
+
+
+def test_timm_representatives_have_no_failure():
+    pytest.importorskip("timm")
+    from mudsc_fx.sources import timm_zoo
+    rows = list(run_check(timm_zoo()))
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert not bad, bad
+    cov = {r["model"]: r["coverage"] for r in rows}
+    assert cov["vit_tiny_patch16_224"] == 1.0 and cov["resnet50d"] == 1.0 and cov["convnext_atto"] == 1.0
