@@ -19,7 +19,7 @@ from ..ir.graph import PermutationGraph
 from ..solvers import match
 from .apply import SpaceOp
 from .stats import Statistics
-from .weights import weight_similarity
+from .weights import FeatureCache, weight_similarity
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class _Solver:
         self._cache: dict[str, tuple] = {}
         self._read: Optional[set] = None
         self._calls: Optional[list] = None
+        self.features = FeatureCache(lambda d: self.version.get(d, 0))
 
     def _ops(self) -> list:
         ops = [self.ops.op(i) for i in range(self.N)]
@@ -173,7 +174,12 @@ class _Solver:
         if alpha <= 0.0 and ca is not None and not dead.any():
             return ca
         ops = self._ops()
-        cw = weight_similarity(self.pg, self.f32, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize)
+        self.features.read = self._read
+        try:
+            cw = weight_similarity(self.pg, self.f32, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize,
+                                   cache=self.features)
+        finally:
+            self.features.read = None
         if ca is None or alpha >= 1.0:
             return cw
         if dead.any():  # units that never varied on the data: only their weights can tell them apart

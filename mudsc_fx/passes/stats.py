@@ -184,18 +184,80 @@ def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], 
     return [(tap.layout.space, v)]
 
 
+def lockstep_tap_module(gm: fx.GraphModule, models: Sequence[nn.Module], node_names: Sequence[str],
+                        on_tap: Callable[..., None]) -> fx.GraphModule:
+    """One GraphModule running ``gm``'s graph for all ``models`` node by node on the same
+    inputs, calling ``on_tap(name, value_0, ..., value_{N-1})`` as soon as the N values of a
+    listed node exist. Every value is freed after its last use (fx's code generation), so only
+    the live activations of one forward per model are held, not every tap of the batch."""
+    single = tap_module(gm, models[0], node_names)  # dead code after the last tap removed
+    root = nn.Module()
+    for i, m in enumerate(models):
+        root.add_module(f"m{i}", m)
+    graph = fx.Graph()
+    envs: list[dict[fx.Node, fx.Node]] = [{} for _ in models]
+    want = set(node_names)
+    for node in single.graph.nodes:
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            new = graph.node_copy(node, lambda n: envs[0][n])
+            for env in envs:
+                env[node] = new
+            continue
+        for i, env in enumerate(envs):
+            new = graph.node_copy(node, lambda n, _env=env: _env[n])
+            if node.op in ("call_module", "get_attr"):
+                new.target = f"m{i}.{node.target}"
+            env[node] = new
+        if node.name in want:
+            graph.call_function(on_tap, (node.name,) + tuple(env[node] for env in envs))
+    graph.output(None)
+    return fx.GraphModule(root, graph)
+
+
+_GRAM_BUFFER_BYTES = 16 << 20  # rows of one dsyrk call: about this much float64 buffer ...
+_GRAM_MIN_ROWS = 1024          # ... but never fewer rows (the update of acc must stay amortised)
+
+
 def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
     N = len(models)
+    wanted = set(chunk)
     chunk_taps = list(dict.fromkeys(t for s in chunk for t in taps[s]))
-    node_names = list(dict.fromkeys(t.node for t in chunk_taps))
-    runners = [tap_module(pg.gm, m, node_names) for m in models]
-    ordered = [n.name for n in pg.gm.graph.nodes if n.name in set(node_names) and n.op != "output"]
+    at_node: dict[str, list[Tap]] = {}
+    for t in chunk_taps:
+        at_node.setdefault(t.node, []).append(t)
     params = [dict(list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False)))
               for m in models]
     gram = _Gram()
     acc = {s: np.zeros((N * pg.size(s) + 1, N * pg.size(s) + 1)) for s in chunk}
     count = {s: 0 for s in chunk}
-    wanted = set(chunk)
+
+    def add(s: int, blocks: list[torch.Tensor]) -> None:
+        n = pg.size(s)
+        cols = N * n + 1
+        blocks = [f.unsqueeze(0) if f.dim() == 1 else f for f in blocks]
+        per_item = blocks[0].numel() // max(n * blocks[0].shape[0], 1)
+        rows_max = max(_GRAM_MIN_ROWS, _GRAM_BUFFER_BYTES // (8 * cols))
+        step = max(1, rows_max // max(per_item, 1))
+        for a in range(0, blocks[0].shape[0], step):
+            parts = [f[a:a + step] for f in blocks]
+            rows = parts[0].numel() // n
+            buf = gram.buffer(rows, cols)
+            for i, f in enumerate(parts):
+                buf[:, i * n:(i + 1) * n].view(f.shape).copy_(f)
+            gram.accumulate(acc[s], buf)
+            count[s] += rows
+
+    def on_tap(name: str, *values: torch.Tensor) -> None:
+        for t in at_node[name]:
+            per_model = [_tap_blocks(values[i], t, params[i], pg.size) for i in range(N)]
+            for k in range(len(per_model[0])):
+                s = per_model[0][k][0]
+                if s in wanted:
+                    add(s, [per_model[i][k][1] for i in range(N)])
+
+    runner = lockstep_tap_module(pg.gm, models, list(at_node), on_tap)
     it = data
     if progress:
         from tqdm import tqdm
@@ -204,23 +266,8 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
     with torch.no_grad(), eval_mode(*models):
         for batch in it:
             n_batches += 1
-            inputs = as_input_tuple(input_fn(batch))
-            outs = [dict(zip(ordered, r(*inputs))) for r in runners]
-            for t in chunk_taps:
-                per_model = [_tap_blocks(outs[i][t.node], t, params[i], pg.size) for i in range(N)]
-                for k in range(len(per_model[0])):
-                    s = per_model[0][k][0]
-                    if s not in wanted:
-                        continue
-                    n = pg.size(s)
-                    rows = per_model[0][k][1].numel() // n
-                    buf = gram.buffer(rows, N * n + 1)
-                    for i in range(N):
-                        f = per_model[i][k][1]
-                        buf[:, i * n:(i + 1) * n].view(f.shape).copy_(f)
-                    gram.accumulate(acc[s], buf)
-                    count[s] += rows
-    del gram
+            runner(*as_input_tuple(input_fn(batch)))
+    del gram, runner
     if n_batches == 0:
         raise ValueError("the calibration data is empty")
     corr, dead = {}, {}

@@ -6,7 +6,7 @@ and concatenated along ``rest``.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -17,29 +17,104 @@ from .apply import SpaceOp, _expand_grouped
 from .stats import space_features
 
 
-def unit_weight_features(pg: PermutationGraph, tensors: Mapping[str, torch.Tensor], s: int, op: SpaceOp,
-                         normalize: bool = False) -> torch.Tensor:
-    """[n_units of s, D] features of space ``s`` for one model (in the tensors' dtype)."""
-    blocks = []
-    fqns = dict.fromkeys(m.fqn for m in pg.spaces[s].members)
-    for fqn in fqns:
-        members = sorted(pg.members_of(fqn), key=lambda m: m.axis)
-        t = tensors[fqn].detach()
+class FeatureCache:
+    """Reuse of :func:`unit_weight_features` work across the calls of one solve.
+
+    Keeps, per (model, space, tensor), the feature blocks of that tensor together with the
+    versions of the spaces whose operations transformed it (``version(space)`` must change
+    whenever the matching of that space changes). MuDSC sweeps rematch one unit at a time, so
+    most of a space's member tensors were transformed by neighbours that did not change; those
+    blocks are reused (the same tensors, so the features are bit-identical). Spaces read by
+    reused blocks are added to ``read`` when it is a set. At most ``max_bytes`` are kept.
+    """
+
+    def __init__(self, version: Callable[[int], int], max_bytes: int = 1 << 30):
+        self.version, self.max_bytes, self.bytes = version, max_bytes, 0
+        self.read: Optional[set] = None
+        self._store: dict[tuple, tuple] = {}
+        self._plans: dict[int, list] = {}
+
+    def plan(self, pg: PermutationGraph, s: int) -> list:
+        p = self._plans.get(s)
+        if p is None:
+            p = self._plans[s] = _plan(pg, s)
+        return p
+
+    def get(self, key: tuple) -> Optional[list]:
+        ent = self._store.get(key)
+        if ent is None or any(self.version(d) != v for d, v in ent[0]):
+            return None
+        if self.read is not None:
+            self.read.update(d for d, _ in ent[0])
+        return ent[1]
+
+    def put(self, key: tuple, read: set, blocks: list) -> None:
+        old = self._store.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+        size = sum(b.numel() * b.element_size() for b in blocks)
+        if self.bytes + size <= self.max_bytes:
+            self._store[key] = (tuple((d, self.version(d)) for d in sorted(read)), blocks, size)
+            self.bytes += size
+
+
+def _plan(pg: PermutationGraph, s: int) -> list:
+    """(fqn, members sorted by axis, groups of a grouped member or 0, anchor member) per
+    tensor touching space ``s``, in member order."""
+    by_fqn: dict[str, list[Member]] = {}
+    for m in pg.members:
+        by_fqn.setdefault(m.fqn, []).append(m)
+    out = []
+    for fqn in dict.fromkeys(m.fqn for m in pg.spaces[s].members):
+        members = sorted(by_fqn[fqn], key=lambda m: m.axis)
         grouped = [m for m in members if m.groups > 1]
-        if grouped:
-            t = _expand_grouped(t, grouped[0].groups)
         anchor = next(m for m in members if s in set(spaces_of(m.layout)))
-        for m in members:
-            if m is not anchor:
-                t = transform_axis(t, m.axis, m.layout, lambda sp, x, ax, _r=m.role: op(sp, x, ax, _r), pg.size)
-        x = t.movedim(anchor.axis, -1)
-        x = x.reshape(-1, x.shape[-1])
-        for sp, feats in space_features(x, anchor.layout, pg.size):
-            if sp == s:
-                f = feats.T  # [n, samples]
-                if normalize:
-                    f = f / f.norm().clamp_min(1e-12)
-                blocks.append(f)
+        out.append((fqn, members, grouped[0].groups if grouped else 0, anchor))
+    return out
+
+
+def _member_blocks(pg: PermutationGraph, t: torch.Tensor, s: int, members, groups: int, anchor: Member,
+                   op: SpaceOp, normalize: bool) -> list[torch.Tensor]:
+    t = t.detach()
+    if groups:
+        t = _expand_grouped(t, groups)
+    for m in members:
+        if m is not anchor:
+            t = transform_axis(t, m.axis, m.layout, lambda sp, x, ax, _r=m.role: op(sp, x, ax, _r), pg.size)
+    x = t.movedim(anchor.axis, -1)
+    x = x.reshape(-1, x.shape[-1])
+    blocks = []
+    for sp, feats in space_features(x, anchor.layout, pg.size):
+        if sp == s:
+            f = feats.T  # [n, samples]
+            if normalize:
+                f = f / f.norm().clamp_min(1e-12)
+            blocks.append(f)
+    return blocks
+
+
+def unit_weight_features(pg: PermutationGraph, tensors: Mapping[str, torch.Tensor], s: int, op: SpaceOp,
+                         normalize: bool = False, cache: Optional[FeatureCache] = None,
+                         model: int = 0) -> torch.Tensor:
+    """[n_units of s, D] features of space ``s`` for one model (in the tensors' dtype).
+    With ``cache``, ``model`` names the model whose ``tensors`` and ``op`` these are."""
+    blocks = []
+    plan = cache.plan(pg, s) if cache is not None else _plan(pg, s)
+    for fqn, members, groups, anchor in plan:
+        if cache is None:
+            blocks.extend(_member_blocks(pg, tensors[fqn], s, members, groups, anchor, op, normalize))
+            continue
+        key = (model, s, fqn, normalize)
+        got = cache.get(key)
+        if got is None:
+            read: set = set()
+
+            def recording(sp, x, ax, role, _read=read):
+                _read.add(sp)
+                return op(sp, x, ax, role)
+            got = _member_blocks(pg, tensors[fqn], s, members, groups, anchor, recording, normalize)
+            cache.put(key, read, got)
+        blocks.extend(got)
     return torch.cat(blocks, dim=1) if blocks else torch.zeros(pg.size(s), 0)
 
 
@@ -56,10 +131,12 @@ def pearson_rows(Z: torch.Tensor) -> np.ndarray:
 
 
 def weight_similarity(pg: PermutationGraph, tensors: list[Mapping[str, torch.Tensor]], s: int,
-                      ops: list[SpaceOp], kind: str = "pearson", normalize: bool = False) -> np.ndarray:
+                      ops: list[SpaceOp], kind: str = "pearson", normalize: bool = False,
+                      cache: Optional[FeatureCache] = None) -> np.ndarray:
     """(N n, N n) similarity of space ``s``: Pearson correlation of the stacked per-unit weight
     features (MuDSC), or raw inner products (``kind="inner"``, Git Re-Basin's cost)."""
-    Z = torch.cat([unit_weight_features(pg, t, s, op, normalize) for t, op in zip(tensors, ops)], dim=0)
+    Z = torch.cat([unit_weight_features(pg, t, s, op, normalize, cache, i)
+                   for i, (t, op) in enumerate(zip(tensors, ops))], dim=0)
     if kind == "inner":
         return (Z.double() @ Z.double().T).numpy()
     return pearson_rows(Z)
