@@ -1,9 +1,7 @@
 """The merge pipeline, top to bottom, and its presets (the rows of the MuDSC paper)."""
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional, Sequence

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .layout import Layout, Plain, describe, layout_size, spaces_of
+from .layout import Layout, Plain, describe, spaces_of
 
 
 @dataclass(frozen=True)

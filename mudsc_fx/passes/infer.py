@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ir.graph import Barrier, Member, PermutationGraph, Space, Tap
 from ..ir.layout import Fixed, Layout, Plain, map_spaces, spaces_of
-from ..ir.trace import TensorValue, fetch_attr, trace, value_of
+from ..ir.trace import TensorValue, trace, value_of
 from .unify import AxisLabel, Parts, SpaceTable, Within
 
 log = logging.getLogger(__name__)

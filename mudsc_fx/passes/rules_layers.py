@@ -12,7 +12,7 @@ from ..ir.layout import Concat, Plain, kron
 from ..ir.trace import TensorValue, value_of
 from .infer import InferContext, ParamUse, TensorLabel, fixed_label
 from .rules_shape import _fallback, _is_head, _is_layout, arg
-from .unify import AxisLabel, Parts, Within
+from .unify import AxisLabel
 
 
 @dataclass
@@ -79,6 +79,19 @@ def linear_function(ctx: InferContext, node: fx.Node):
     return _linear(ctx, node, node.args[0], w, _operand(ctx, arg(node, 2, "bias")))
 
 
+def _conv_output(ctx: InferContext, node: fx.Node, x: fx.Node, ch: int, out: AxisLabel,
+                 b: Optional[Operand], why: str) -> TensorLabel:
+    """Shared tail of conv and conv_transpose: bias, coverage, taps, spatial axes fixed."""
+    if b is not None:
+        out = b.unify(ctx, 0, out, why)
+    ctx.producer(node, out, value_of(node).shape[ch])
+    ctx.tap(node, ch, out, out=True)
+    lx = ctx.tlabel(x)
+    for a in lx.axes[ch + 1:]:
+        ctx.table.fix_label(a, f"spatial axis of {node.name}")
+    return TensorLabel(tuple(ctx.tlabel(x).axes[:ch]) + (out,) + (None,) * (len(lx) - ch - 1))
+
+
 def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[Operand], groups: int):
     lx, sx = ctx.tlabel(x), ctx.shape(x)
     ch = 1 if len(sx) == len(w.label) else 0
@@ -122,26 +135,29 @@ def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[
                 if ok_out:
                     T.fix_space(T.head_of(out_space.space), why)
             out = w.take(ctx, 0)
-    if b is not None:
-        out = b.unify(ctx, 0, out, why)
-    ctx.producer(node, out, value_of(node).shape[ch])
-    ctx.tap(node, ch, out, out=True)
-    for a in lx.axes[ch + 1:]:
-        T.fix_label(a, f"spatial axis of {node.name}")
-    lead = tuple(ctx.tlabel(x).axes[:ch])
-    return TensorLabel(lead + (out,) + (None,) * (len(sx) - ch - 1))
+    return _conv_output(ctx, node, x, ch, out, b, why)
 
 
-def conv_module(ctx: InferContext, node: fx.Node):
-    m = ctx.module(node)
-    return _conv(ctx, node, node.args[0], _param(ctx, node, "weight"), _param(ctx, node, "bias"), m.groups)
+def _module_rule(core):
+    """Rule for an nn.Module form: its own parameters become the operands."""
+    def rule(ctx: InferContext, node: fx.Node):
+        m = ctx.module(node)
+        return core(ctx, node, node.args[0], _param(ctx, node, "weight"), _param(ctx, node, "bias"), m.groups)
+    return rule
 
 
-def conv_function(ctx: InferContext, node: fx.Node):
-    w = _operand(ctx, arg(node, 1, "weight"))
-    if w is None:
-        return _fallback(ctx, node, "conv with an unexpected weight")
-    return _conv(ctx, node, node.args[0], w, _operand(ctx, arg(node, 2, "bias")), arg(node, 6, "groups", 1))
+def _function_rule(core, name: str):
+    """Rule for a functional form F.conv*(input, weight, bias, stride, padding, dilation, groups)."""
+    def rule(ctx: InferContext, node: fx.Node):
+        w = _operand(ctx, arg(node, 1, "weight"))
+        if w is None:
+            return _fallback(ctx, node, f"{name} with an unexpected weight")
+        return core(ctx, node, node.args[0], w, _operand(ctx, arg(node, 2, "bias")), arg(node, 6, "groups", 1))
+    return rule
+
+
+conv_module = _module_rule(_conv)
+conv_function = _function_rule(_conv, "conv")
 
 
 def _conv_transpose(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[Operand], groups: int):
@@ -178,25 +194,11 @@ def _conv_transpose(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b:
         w.use.groups[1] = groups
         w._govern(1)
         out = Plain(T.find(out_space))
-    if b is not None:
-        out = b.unify(ctx, 0, out, why)
-    ctx.producer(node, out, value_of(node).shape[ch])
-    ctx.tap(node, ch, out, out=True)
-    for a in lx.axes[ch + 1:]:
-        T.fix_label(a, f"spatial axis of {node.name}")
-    return TensorLabel(tuple(ctx.tlabel(x).axes[:ch]) + (out,) + (None,) * (len(sx) - ch - 1))
+    return _conv_output(ctx, node, x, ch, out, b, why)
 
 
-def conv_transpose_module(ctx: InferContext, node: fx.Node):
-    m = ctx.module(node)
-    return _conv_transpose(ctx, node, node.args[0], _param(ctx, node, "weight"), _param(ctx, node, "bias"), m.groups)
-
-
-def conv_transpose_function(ctx: InferContext, node: fx.Node):
-    w = _operand(ctx, arg(node, 1, "weight"))
-    if w is None:
-        return _fallback(ctx, node, "conv_transpose with an unexpected weight")
-    return _conv_transpose(ctx, node, node.args[0], w, _operand(ctx, arg(node, 2, "bias")), arg(node, 6, "groups", 1))
+conv_transpose_module = _module_rule(_conv_transpose)
+conv_transpose_function = _function_rule(_conv_transpose, "conv_transpose")
 
 
 def _embedding(ctx: InferContext, node: fx.Node, idx: fx.Node, w: Operand):
