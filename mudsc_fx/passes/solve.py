@@ -86,34 +86,73 @@ def solve_units(pg: PermutationGraph) -> list[SolveUnit]:
     return units
 
 
+def _cluster_form(M: np.ndarray, U: np.ndarray):
+    """(labels, weights) when U is a 0/1 assignment of the n units to clusters (one 1 per row)
+    and M = diag-scaled U^T (M[labels[j], j] = weights[j], zeros elsewhere), as zip produces;
+    None for any other pair of matrices."""
+    M, U = np.asarray(M), np.asarray(U)
+    n, k = U.shape
+    if M.shape != (k, n) or n == 0:
+        return None
+    labels = U.argmax(axis=1)
+    rows = np.arange(n)
+    if np.count_nonzero(U) != n or not (U[rows, labels] == 1.0).all():
+        return None
+    weights = M[labels, rows]
+    expected = np.zeros_like(M)
+    expected[labels, rows] = weights
+    if not np.array_equal(M, expected):
+        return None
+    return labels, weights
+
+
 class AlignmentOps:
     """Per-model space operations for the current matching: a gather for permutations, a
-    matrix product for zip merges. ``op(i)`` is the SpaceOp of model i (see apply.py)."""
+    segment sum for zip clusters (the product with M or U^T, without the zeros), a matrix
+    product for any other M, U. ``op(i)`` is the SpaceOp of model i (see apply.py)."""
 
     def __init__(self, n_models: int, dtype: torch.dtype = torch.float64):
         self.N, self.dtype = n_models, dtype
         self.perm: list[dict[int, torch.Tensor]] = [{} for _ in range(n_models)]
         self.mat: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n_models)]
+        self.cluster: list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = [{} for _ in range(n_models)]
 
     def set(self, s: int, M, U, perms=None) -> None:
         for i in range(self.N):
             self.perm[i].pop(s, None)
             self.mat[i].pop(s, None)
+            self.cluster[i].pop(s, None)
             if perms is not None and M[i].shape[0] == M[i].shape[1]:
                 # M_i = P_i / N, U_i = P_i^T: gather, then scale out-axes by the 1/N factor of M
                 self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
+                continue
+            form = _cluster_form(M[i], U[i])
+            if form is not None:
+                labels, weights = form
+                self.cluster[i][s] = (torch.as_tensor(labels, dtype=torch.long),
+                                      torch.as_tensor(weights, dtype=self.dtype), np.asarray(M[i]).shape[0])
             else:
                 self.mat[i][s] = (torch.as_tensor(M[i], dtype=self.dtype),
                                   torch.as_tensor(U[i], dtype=self.dtype).T.contiguous())
 
     def op(self, i: int) -> SpaceOp:
-        perm, mat, N = self.perm[i], self.mat[i], self.N
+        perm, mat, cluster, N = self.perm[i], self.mat[i], self.cluster[i], self.N
 
         def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
             idx = perm.get(s)
             if idx is not None:
                 out = t.index_select(axis, idx)
                 return out / N if role == "out" else out
+            cl = cluster.get(s)
+            if cl is not None:
+                labels, weights, k = cl
+                if role == "out":  # M t: weighted sum of each cluster's units
+                    shape = [1] * t.dim()
+                    shape[axis] = -1
+                    t = t * weights.to(t.dtype).view(shape)
+                shape = list(t.shape)
+                shape[axis] = k
+                return t.new_zeros(shape).index_add_(axis, labels, t)  # role "in": U^T t
             pair = mat.get(s)
             if pair is None:
                 return t
@@ -316,6 +355,7 @@ class _Solver:
                 for i in range(self.N):
                     self.ops.perm[i].pop(s, None)
                     self.ops.mat[i].pop(s, None)
+                    self.ops.cluster[i].pop(s, None)
 
 
 def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mapping[str, torch.Tensor]],

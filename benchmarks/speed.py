@@ -1,0 +1,476 @@
+"""Speed and memory of the merge pipeline, stage by stage, against the cost of a forward pass.
+
+For each case, N = 2 models of one architecture (different seeds, RANDOM INITIALISATION: the
+trained state does not change the amount of work, and the timings do not depend on it) are
+merged with each method, and every stage of the pipeline is timed:
+
+    trace       mf.trace(model0, first batch)             (as mf.merge does)
+    infer       mf.infer(model0, first batch, gm=gm)
+    statistics  mf.collect_stats(models, pg, data)        (one streaming pass over the data)
+    solve       mf.solve(pg, stats, tensors, mf.method_config(method))
+    rewrite     mf.rewrite(models, pg, alignment)
+    reset_bn    mf.reset_bn(merged, data)
+
+The floor is the bare forward passes of the N models over the same calibration data
+(torch.no_grad, eval), timed in the same process before and after the merge (their mean).
+Reported: median seconds over the repeats, and the median over repeats of
+total merge time / floor.
+
+Each (case, repeat) runs in a fresh subprocess. trace, infer and statistics do not depend on
+the method: they run once per repeat; solve, rewrite and reset_bn run per method in a forked
+child, so every method starts from the same state and gets its own peak memory. Peak memory
+is read from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, reset to the current RSS before each
+stage (``/proc/self/clear_refs``), as a delta against the RSS when the stage began (and, for
+the whole merge, against the RSS before trace: models and data already loaded).
+
+Threads: torch, OpenMP and the BLAS libraries are limited to ``--threads`` (default 1: on a
+shared 2-core machine two threads thrash as soon as another process is busy).
+
+    python benchmarks/speed.py              # full: four cases x 3 methods, 3 repeats, solver scaling
+    python benchmarks/speed.py --quick      # small data, 1 repeat, under 2 minutes
+    python benchmarks/speed.py --cases resnet20x4 --methods zipit --repeats 5
+    python benchmarks/speed.py --tree /tmp/old  # time another checkout's mudsc_fx (before/after)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+METHODS = ("zipit", "act_align", "mudsc_zip")
+TARGET_RATIO = 2.0          # total merge time / floor for ResNet-20 x4
+TARGET_ZIP_4096_S = 5.0     # zip fast at n = 4096
+TARGET_ZIP_SPEEDUP = 20.0   # reference / fast at n = 2048
+
+# name -> how to build the models and the calibration data; quick: smaller data, fewer methods
+CASES = {
+    "resnet20x4": dict(source="zoo", arch="resnet20", kwargs={"width": 4}, dataset="mnist",
+                       images=5000, batch=250, quick_images=500,
+                       title="ResNet-20 x4 (MNIST)"),
+    "vit": dict(source="zoo", arch="vit", kwargs={}, dataset="mnist", images=5000, batch=250,
+                quick_images=500, title="small ViT (MNIST)"),
+    "resnet50": dict(source="torchvision", arch="resnet50", images=256, batch=32, quick_images=None,
+                     title="torchvision resnet50 (224x224)"),
+    "vit_b_16": dict(source="torchvision", arch="vit_b_16", images=256, batch=32, quick_images=None,
+                     title="torchvision vit_b_16 (224x224)"),
+}
+SEEDS = (1, 2)
+
+
+# ---------------------------------------------------------------------------- measurement
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _maxrss_kb() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> bool:
+    """Reset ru_maxrss / VmHWM to the current RSS (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Stage:
+    """Times a block and records its peak memory: RSS high-water during it minus RSS at start."""
+
+    def __init__(self, record: dict, name: str):
+        self.record, self.name = record, name
+
+    def __enter__(self):
+        gc.collect()
+        self.resettable = _reset_peak()
+        self.rss0 = _rss_kb()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.record[self.name + "_s"] = time.perf_counter() - self.t0
+        peak = _maxrss_kb()
+        self.record[self.name + "_peak_mb"] = (peak - self.rss0) / 1024 if self.resettable else None
+        self.record[self.name + "_hwm_mb"] = peak / 1024
+        return False
+
+
+def _limit_threads(threads: int):
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+        threadpool_limits(threads)
+        pools = [{"api": p["internal_api"], "threads": p["num_threads"]} for p in threadpool_info()]
+    except ImportError:  # the environment variables set by the parent still apply
+        pools = []
+    return {"torch": torch.get_num_threads(), "pools": pools}
+
+
+def _build(case: dict, quick: bool):
+    """(models, list of input batches) for one case; random init, fixed seeds."""
+    import torch
+    n_images = case["quick_images"] if quick else case["images"]
+    if case["source"] == "zoo":
+        from mudsc_fx import zoo
+        ds = zoo.load_dataset(case["dataset"])
+        x = torch.cat([ds.x_train, ds.x_test])[:n_images]
+        models = [zoo.build(case["arch"], ds, seed=s, **case["kwargs"]).eval() for s in SEEDS]
+    else:
+        import torchvision
+        models = []
+        for s in SEEDS:
+            torch.manual_seed(s)
+            models.append(getattr(torchvision.models, case["arch"])(weights=None).eval())
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n_images, 3, 224, 224, generator=g)
+    b = case["batch"]
+    data = [x[i:i + b].contiguous() for i in range(0, len(x), b)]
+    return models, data, len(x)
+
+
+def _floor(models, data) -> float:
+    import torch
+    t = time.perf_counter()
+    with torch.no_grad():
+        for m in models:
+            m.eval()
+            for batch in data:
+                m(batch)
+    return time.perf_counter() - t
+
+
+def _method_child(conn_w, models, pg, stats, data, method: str):
+    """Runs in a forked child: solve, rewrite, reset_bn of one method; writes JSON to conn_w."""
+    import mudsc_fx as mf
+    from mudsc_fx.passes.apply import named_tensors
+    rec: dict = {}
+    try:
+        rss_start = _rss_kb()
+        _reset_peak()
+        with Stage(rec, "solve"):
+            al = mf.solve(pg, stats, [named_tensors(m) for m in models], mf.method_config(method), 0)
+        with Stage(rec, "rewrite"):
+            merged = mf.rewrite(list(models), pg, al)
+        with Stage(rec, "reset_bn"):
+            mf.reset_bn(merged, data)
+        rec["sweeps"] = al.sweeps
+        rec["rss_at_fork_mb"] = rss_start / 1024
+        rec["hwm_mb"] = max(rec[k] for k in ("solve_hwm_mb", "rewrite_hwm_mb", "reset_bn_hwm_mb"))
+    except BaseException as e:  # report, never hang the parent
+        rec = {"error": f"{type(e).__name__}: {e}"}
+    os.write(conn_w, json.dumps(rec).encode())
+    os.close(conn_w)
+
+
+def _run_method(models, pg, stats, data, method: str) -> dict:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            _method_child(w, models, pg, stats, data, method)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return {"error": f"method child exited with status {status} and no result"}
+    return json.loads(b"".join(chunks))
+
+
+def worker(spec: dict) -> dict:
+    """One (case, repeat) in this fresh process."""
+    threads = _limit_threads(spec["threads"])
+    import torch
+    import mudsc_fx as mf
+    case = CASES[spec["case"]]
+    models, data, n_images = _build(case, spec["quick"])
+    out = {"case": spec["case"], "repeat": spec["repeat"], "images": n_images, "batch": case["batch"],
+           "n_batches": len(data), "threads": threads, "mudsc_fx": os.path.dirname(mf.__file__)}
+    _floor(models, data[:1])  # warm-up: first-call allocations and kernel selection
+    rec: dict = {}
+    with Stage(rec, "floor"):
+        f1 = _floor(models, data)
+    rss_merge0 = _rss_kb()
+    _reset_peak()
+    with Stage(rec, "trace"):
+        gm = mf.trace(models[0], (data[0],))
+    with Stage(rec, "infer"):
+        pg = mf.infer(models[0], (data[0],), gm=gm)
+    with Stage(rec, "statistics"):
+        stats = mf.collect_stats(models, pg, data)
+    out["free_spaces"] = len(pg.free_spaces)
+    out["max_space"] = max((pg.size(s) for s in pg.free_spaces), default=0)
+    shared_hwm = max(rec[k] for k in ("trace_hwm_mb", "infer_hwm_mb", "statistics_hwm_mb"))
+    out["methods"] = {}
+    for method in spec["methods"]:
+        r = _run_method(models, pg, stats, data, method)
+        if "error" not in r:
+            r["merge_peak_mb"] = max(shared_hwm, r["hwm_mb"]) - rss_merge0 / 1024
+        out["methods"][method] = r
+    del stats, pg, gm
+    gc.collect()
+    f2 = _floor(models, data)
+    out.update({k: v for k, v in rec.items() if not k.startswith("floor_")})
+    out["floor_s"] = [f1, f2]
+    out["floor_peak_mb"] = rec["floor_peak_mb"]
+    out["rss_before_merge_mb"] = rss_merge0 / 1024
+    return out
+
+
+def scaling_worker(spec: dict) -> dict:
+    threads = _limit_threads(spec["threads"])
+    sys.path.insert(0, str(HERE))
+    import solver_scaling as ss
+    sizes = [256, 512] if spec["quick"] else [256, 512, 1024, 2048, 4096]
+    print(f"solver scaling: seconds, median of {spec['repeats']}; N = {ss.N}", flush=True)
+    print(ss.HEADER, flush=True)
+    rows = ss.run(sizes, spec["repeats"], ss.REFERENCE_MAX_N)
+    return {"rows": rows, "repeats": spec["repeats"], "n_models": ss.N, "head_size": ss.HEAD,
+            "reference_max_n": ss.REFERENCE_MAX_N, "threads": threads}
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+def _spawn(spec: dict, tree, timeout) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(spec["threads"])
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", res.name]
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=None if spec["kind"] == "scaling" else subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timeout after {timeout} s"}
+        text = res.read()
+    if proc.returncode != 0 or not text:
+        return {"error": f"worker exit {proc.returncode}: {proc.stderr[-2000:]}"}
+    return json.loads(text)
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+STAGES = ("trace", "infer", "statistics", "solve", "rewrite", "reset_bn")
+
+
+def summarise(runs: list[dict], methods) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0].get("error") if runs else "no runs"}
+    summary = {"repeats": len(ok), "images": ok[0]["images"], "batch": ok[0]["batch"],
+               "free_spaces": ok[0]["free_spaces"], "max_space": ok[0]["max_space"],
+               "floor_s": _median([statistics.mean(r["floor_s"]) for r in ok]),
+               "floor_drift": _median([r["floor_s"][1] / r["floor_s"][0] for r in ok]),
+               "methods": {}}
+    for m in methods:
+        rows = [r for r in ok if m in r["methods"] and "error" not in r["methods"][m]]
+        if not rows:
+            errs = [r["methods"].get(m, {}).get("error") for r in ok]
+            summary["methods"][m] = {"error": next((e for e in errs if e), "not run")}
+            continue
+        per = {}
+        for st in STAGES:
+            src = [(r["methods"][m] if st in ("solve", "rewrite", "reset_bn") else r) for r in rows]
+            per[st + "_s"] = _median([x[st + "_s"] for x in src])
+            per[st + "_peak_mb"] = _median([x.get(st + "_peak_mb") for x in src])
+        totals = [sum((r["methods"][m] if st in ("solve", "rewrite", "reset_bn") else r)[st + "_s"] for st in STAGES)
+                  for r in rows]
+        ratios = [t / statistics.mean(r["floor_s"]) for t, r in zip(totals, rows)]
+        per["total_s"] = _median(totals)
+        per["ratio_to_floor"] = _median(ratios)
+        per["ratios"] = ratios
+        per["ratio_without_reset_bn"] = _median([
+            (t - r["methods"][m]["reset_bn_s"]) / statistics.mean(r["floor_s"]) for t, r in zip(totals, rows)])
+        per["statistics_over_floor"] = _median([r["statistics_s"] / statistics.mean(r["floor_s"]) for r in rows])
+        per["merge_peak_mb"] = _median([r["methods"][m]["merge_peak_mb"] for r in rows])
+        per["sweeps"] = _median([r["methods"][m]["sweeps"] for r in rows])
+        summary["methods"][m] = per
+    return summary
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Speed and memory ({'quick' if result['quick'] else 'full'} run)", "",
+             f"N = {len(SEEDS)} models (seeds {SEEDS}), random initialisation (timing does not depend on "
+             f"training). Threads: {result['threads']}. Seconds are medians over the repeats; "
+             "ratio = total merge time / floor, median over repeats; floor = bare forward passes of "
+             "the N models over the same calibration data (mean of one run before and one after the merge).",
+             "Peak MB: RSS high-water minus RSS at the start (whole merge: models and data already "
+             "loaded). trace, infer and statistics are shared by the methods.", ""]
+    head = ("| case | method | images | floor | trace | infer | statistics | solve | rewrite | reset_bn | "
+            "total | ratio | peak MB (stats / solve / merge) | sweeps |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, s in result["cases"].items():
+        if "error" in s:
+            lines.append(f"| {name} | error: {s['error'][:200]} |" + " |" * 12)
+            continue
+        for m, p in s["methods"].items():
+            if "error" in p:
+                lines.append(f"| {name} | {m} | error: {p['error'][:200]} |" + " |" * 11)
+                continue
+            lines.append(
+                f"| {name} | {m} | {s['images']} | {_f(s['floor_s'])} | {_f(p['trace_s'])} | {_f(p['infer_s'])} | "
+                f"{_f(p['statistics_s'])} | {_f(p['solve_s'])} | {_f(p['rewrite_s'])} | {_f(p['reset_bn_s'])} | "
+                f"{_f(p['total_s'])} | **{_f(p['ratio_to_floor'])}** | {_f(p['statistics_peak_mb'], '{:.0f}')} / "
+                f"{_f(p['solve_peak_mb'], '{:.0f}')} / {_f(p['merge_peak_mb'], '{:.0f}')} | {_f(p['sweeps'], '{:.0f}')} |")
+    sc = result.get("solver_scaling")
+    if sc and "rows" in sc:
+        lines += ["", f"## Solver scaling (N = {sc['n_models']}, seconds, median of {sc['repeats']})", "",
+                  "| n | align | zip fast | zip reference | reference / fast | zip rank-1 | group_align |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sc["rows"]:
+            ratio = r["ratio_reference_over_fast"]
+            lines.append(f"| {r['n']} | {_f(r['align_s'], '{:.3f}')} | {_f(r['zip_fast_s'], '{:.3f}')} | "
+                         f"{_f(r['zip_reference_s'], '{:.3f}')} | {_f(ratio, '{:.1f}x')} | "
+                         f"{_f(r['zip_fast_rank1_s'], '{:.3f}')} | {_f(r['group_align_s'], '{:.3f}')} |")
+    elif sc:
+        lines += ["", f"Solver scaling: {sc.get('error')}"]
+    lines += ["", "## Targets", ""]
+    for t in result["targets"]:
+        lines.append(f"- {'PASS' if t['ok'] else ('FAIL' if t['ok'] is False else 'n/a')}: {t['what']} "
+                     f"(measured {t['measured']})")
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def targets(result: dict) -> list[dict]:
+    out = []
+    rn = result["cases"].get("resnet20x4", {})
+    for m in METHODS:
+        p = rn.get("methods", {}).get(m)
+        r = None if not p or "error" in p else p["ratio_to_floor"]
+        out.append({"what": f"ResNet-20 x4, {m}: merge time / floor <= {TARGET_RATIO}",
+                    "measured": _f(r), "ok": None if r is None else r <= TARGET_RATIO})
+    rows = {r["n"]: r for r in result.get("solver_scaling", {}).get("rows", [])}
+    z = rows.get(4096, {}).get("zip_fast_s")
+    out.append({"what": f"zip at n = 4096 < {TARGET_ZIP_4096_S} s", "measured": _f(z, "{:.2f} s"),
+                "ok": None if z is None else z < TARGET_ZIP_4096_S})
+    q = rows.get(2048, {}).get("ratio_reference_over_fast")
+    out.append({"what": f"zip fast >= {TARGET_ZIP_SPEEDUP:.0f}x the reference at n = 2048",
+                "measured": _f(q, "{:.1f}x"), "ok": None if q is None else q >= TARGET_ZIP_SPEEDUP})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small data, 1 repeat (< 2 minutes)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-scaling", action="store_true", help="skip the solver scaling table")
+    ap.add_argument("--tree", type=Path, default=None,
+                    help="directory holding another mudsc_fx package to time (e.g. an older checkout)")
+    ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per worker")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output prefix (writes PREFIX.json and PREFIX.md); default benchmarks/results/speed, "
+                         "or a temporary file with --quick")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        res = scaling_worker(spec) if spec["kind"] == "scaling" else worker(spec)
+        Path(args.worker_out).write_text(json.dumps(res))
+        return
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    methods = [m for m in args.methods.split(",") if m]
+    if args.cases:
+        names = args.cases.split(",")
+    else:
+        names = [n for n, c in CASES.items() if not args.quick or c["quick_images"]]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    prefix = args.out or (Path(tempfile.gettempdir()) / "mudsc_fx_speed_quick" if args.quick else RESULTS / "speed")
+    started = time.time()
+    result = {"benchmark": "speed", "quick": args.quick, "repeats": repeats, "threads": args.threads,
+              "methods": methods, "n_models": len(SEEDS), "seeds": SEEDS,
+              "weights": "random initialisation (timing does not depend on the trained state)",
+              "tree": str(args.tree) if args.tree else None,
+              "case_specs": {n: {k: v for k, v in CASES[n].items()} for n in names},
+              "cases": {}, "runs": {}, "notes": []}
+    if args.quick:
+        result["notes"].append("quick run: small data, 1 repeat; torchvision cases skipped unless named "
+                               "with --cases")
+    for name in names:
+        runs = []
+        for r in range(repeats):
+            t = time.perf_counter()
+            spec = {"kind": "case", "case": name, "repeat": r, "quick": args.quick, "threads": args.threads,
+                    "methods": methods}
+            run = _spawn(spec, args.tree, args.timeout)
+            runs.append(run)
+            if "error" in run:
+                print(f"{name} repeat {r}: {run['error']}", flush=True)
+            else:
+                ms = ", ".join(f"{m} {v['solve_s']:.2f}s" if "error" not in v else f"{m} ERROR {v['error']}"
+                               for m, v in run["methods"].items())
+                print(f"{name} repeat {r}: floor {run['floor_s'][0]:.2f}/{run['floor_s'][1]:.2f}s, "
+                      f"trace {run['trace_s']:.2f}s, infer {run['infer_s']:.2f}s, statistics "
+                      f"{run['statistics_s']:.2f}s, solve: {ms} ({time.perf_counter() - t:.0f}s)", flush=True)
+        result["runs"][name] = runs
+        result["cases"][name] = summarise(runs, methods)
+    if not args.no_scaling:
+        spec = {"kind": "scaling", "quick": args.quick, "repeats": 1 if args.quick else (args.repeats or 3),
+                "threads": args.threads}
+        result["solver_scaling"] = _spawn(spec, args.tree, args.timeout)
+    result["targets"] = targets(result)
+    import numpy
+    import scipy
+    import torch
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": numpy.__version__, "scipy": scipy.__version__,
+                         "load_average_at_end": os.getloadavg(), "wall_s": time.time() - started}
+    md = markdown(result)
+    print()
+    print(md)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(prefix) + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(str(prefix) + ".md").write_text(md)
+    print(f"wrote {prefix}.json and {prefix}.md ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
