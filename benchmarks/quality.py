@@ -91,12 +91,15 @@ HEAD_SEED = 0
 CALIB_BATCHES, CALIB_BS = 4, 256
 FT_EPOCHS, FT_LR = 3, 5e-4  # zoo.finetune defaults
 CACHE_TAG = "quality/v1"
+TRAIN_SECONDS = [0.0]  # training time of this run (0 when every model came from the cache)
 
 R1_FULL = [("mnist", "mlp", {}), ("mnist", "resnet20", {"width": 2}), ("mnist", "resnet20_gn", {"width": 2}),
            ("mnist", "vit", {}), ("mnist1d", "mlp", {})]
-R2_FULL = [("mnist", "mlp", {}), ("mnist", "resnet20", {"width": 2}), ("mnist", "resnet20_gn", {"width": 2}),
-           ("mnist", "vit", {})]
-FULL = {"r1": R1_FULL, "r1_pairs": 3, "sweep_pairs": 1, "r2": R2_FULL, "r2_seeds": 1, "r2_tasks": 4}
+# regime 2 entries: (dataset, arch, kwargs, seeds); the ResNets get one seed (about 12 minutes of
+# training each on the loaded 2-core box), the cheap MLP and ViT three.
+R2_FULL = [("mnist", "mlp", {}, 3), ("mnist", "resnet20", {"width": 2}, 1), ("mnist", "resnet20_gn", {"width": 2}, 1),
+           ("mnist", "vit", {}, 3)]
+FULL = {"r1": R1_FULL, "r1_pairs": 3, "sweep_pairs": 1, "r2": R2_FULL, "r2_seeds": None, "r2_tasks": 4}
 QUICK = {"r1": [("digits", "mlp", {}), ("digits", "resnet20", {"width": 2})], "r1_pairs": 1, "sweep_pairs": 1,
          "r2": [("digits", "mlp", {})], "r2_seeds": 1, "r2_tasks": 4}
 
@@ -124,6 +127,7 @@ def trained(ds, head, arch, kw, classes, seed, rec, log):
                          batch_size=rec["batch_size"], seed=seed)
     m = zoo.train_cached(key, lambda: zoo.build(arch, ds, seed=seed, **kw), fit=fit)
     if zoo.run_count() > n0:
+        TRAIN_SECONDS[0] += time.perf_counter() - t
         log(f"    trained {arch} classes {list(classes)} seed {seed}: {time.perf_counter() - t:.0f}s")
     return m, key
 
@@ -144,6 +148,7 @@ def pretrained(ds, head, arch, kw, seed, rec, frac, log):
                          batch_size=prec["batch_size"], seed=seed)
     m = zoo.train_cached(key, lambda: zoo.build(arch, ds, seed=seed, **kw), fit=fit)
     if zoo.run_count() > n0:
+        TRAIN_SECONDS[0] += time.perf_counter() - t
         log(f"    pre-trained {arch} on {len(idx)} images of all classes, {prec['epochs']} epochs: "
             f"{time.perf_counter() - t:.0f}s")
     return m, key
@@ -160,6 +165,7 @@ def finetuned(ds, head, arch, kw, pre, pre_key, classes, seed, bs, log):
                             batch_size=bs, seed=seed)
     m = zoo.train_cached(key, lambda: zoo.build(arch, ds, seed=seed, **kw), fit=fit)
     if zoo.run_count() > n0:
+        TRAIN_SECONDS[0] += time.perf_counter() - t
         log(f"    fine-tuned {arch} on classes {list(classes)}: {time.perf_counter() - t:.0f}s")
     return m
 
@@ -308,7 +314,8 @@ def run_sweep(merger, memo, ev, base, records, log):
 
 # --------------------------------------------------------------------------- regime 2
 def run_finetune(cfg, args, records, log):
-    name, arch, kw = cfg
+    name, arch, kw = cfg[:3]
+    n_seeds = args.r2_seeds or (cfg[3] if len(cfg) > 3 else 1)
     ds = zoo.load_dataset(name)
     head = zoo.ClassHead(ds.num_classes, seed=HEAD_SEED)
     rec = scaled_recipe(arch, ds, args.epochs_scale)
@@ -316,7 +323,7 @@ def run_finetune(cfg, args, records, log):
     n_tasks = args.r2_tasks
     log(f"\n=== finetune | {name} | {label} | pretrain recipe {rec}, fine-tune {FT_EPOCHS} epochs lr {FT_LR} "
         f"| N = {n_tasks} ===")
-    for s in range(args.r2_seeds):
+    for s in range(n_seeds):
         t_seed = time.perf_counter()
         tasks = zoo.split_classes(ds.num_classes, n_tasks, seed=s)
         pre, pre_key = pretrained(ds, head, arch, kw, 500 + s, rec, args.r2_pretrain_frac, log)
@@ -375,8 +382,8 @@ def run_finetune(cfg, args, records, log):
         log(f"  seed {s}: tasks {[list(t) for t in tasks]}  (stats {merger.stats_seconds:.1f}s, "
             f"total {time.perf_counter() - t_seed:.0f}s)")
         log(table_pair(rows, cols))
-    if args.r2_seeds > 1:
-        log(f"\n--- finetune | {name} | {label}: mean ± std over {args.r2_seeds} seeds ---")
+    if n_seeds > 1:
+        log(f"\n--- finetune | {name} | {label}: mean ± std over {n_seeds} seeds ---")
         log(table_agg([r for r in records if r["regime"] == "finetune" and r["dataset"] == name
                        and r["arch"] == arch and r["kw"] == kw], two_tasks=False))
 
@@ -506,6 +513,9 @@ def plot_sweep(records, path: Path) -> None:
 NOTES = [
     "Protocol notes:",
     "",
+    "- `python benchmarks/quality.py` (no arguments) computes every record of this file in one process; "
+    "with the trained models in the cache it only merges and evaluates (about 25 + 12 minutes for the two "
+    "regimes on this loaded machine). Results are deterministic (a cached rerun reproduced every number).",
     "- Metrics from `zoo.evaluate` on the test split: Joint = argmax over all classes on the images of "
     "all tasks; Task X = accuracy on task X's images with the argmax restricted to its classes; Avg = "
     "mean of the task accuracies. mean ± std (sample std) over pairs / seeds.",
@@ -532,10 +542,15 @@ NOTES = [
     "model A as base and anchor, tau_A = 0 and tau_B = aligned(B) - A: EMR stores tau_B densely and gives "
     "back A and aligned(B) (embedding difference in `emr_max_abs_emb_diff_vs_individual`: 0 up to rounding, or "
     "about 1e-3 where act_align swaps dead, interchangeable units of A against its own copy so that tau_A is not "
-    "exactly 0), so the row equals the individual models and compresses nothing. The other candidate base, the midpoint of A and "
-    "aligned(B), is ill-defined for two models (tau_A = -tau_B, so the elected sign is 0 or rounding noise "
-    "everywhere); it is skipped.",
+    "exactly 0), so the row equals the individual models and compresses nothing. The other candidate base, "
+    "the midpoint of A and aligned(B), is ill-defined for two models (tau_A = -tau_B, so the elected sign is 0 "
+    "or rounding noise everywhere); it is skipped.",
 ]
+
+
+def train_note(settings) -> str:
+    t = settings.get("train_seconds")
+    return "" if t is None else f", of which training {t / 60:.1f} min"
 
 
 def write_outputs(records, settings, out_json: Path, out_md: Path, out_png: Path, final: bool) -> None:
@@ -544,13 +559,14 @@ def write_outputs(records, settings, out_json: Path, out_md: Path, out_png: Path
     script = f"python benchmarks/{Path(__file__).name}"
     if "shards" in settings:
         runs = "; ".join(f"`{script} {' '.join(sh.get('argv', []))}` ({sh.get('wall_seconds', float('nan')) / 60:.1f} "
-                         f"min)" for sh in settings["shards"])
+                         f"min{train_note(sh)}; git {sh.get('git', 'unknown')})" for sh in settings["shards"])
         md += [f"Generated by {len(settings['shards'])} runs in parallel on {settings['machine']} (shared, loaded; "
                f"torch threads {settings['threads']}): {runs}; then `{script} --combine ...`. "
                f"Records: `{out_json.name}`.", ""]
     else:
         md += [f"Generated by `{script} {' '.join(settings.get('argv', []))}` in "
-               f"{settings.get('wall_seconds', float('nan')) / 60:.1f} min on {settings['machine']} (shared, loaded; "
+               f"{settings.get('wall_seconds', float('nan')) / 60:.1f} min{train_note(settings)} on "
+               f"{settings['machine']} (git {settings.get('git', 'unknown')}; shared, loaded; "
                f"torch threads {settings['threads']}). Records: `{out_json.name}`.", ""]
     md += ["Settings: " + settings["summary"], ""]
     if settings.get("timings"):
@@ -568,7 +584,9 @@ def write_outputs(records, settings, out_json: Path, out_md: Path, out_png: Path
             md += ["EMR rows are per-task models by design: task t is scored with `emr.task(t)` on task t "
                    "only, so there is no Joint; Avg is the mean of the per-task accuracies. "
                    "`keep=proj`/`keep=head`: each task keeps its own projection to the class-embedding "
-                   "space (`output_params()`); `keep=none`: every tensor is merged.", ""]
+                   "space (`output_params()`); `keep=none`: every tensor is merged. T1..T4 are task slots: "
+                   "seed s splits the classes with split_classes(10, 4, seed=s), so their classes differ "
+                   "between seeds (listed per record in the JSON).", ""]
         else:
             md += ["`align+emr (base=A)`: EMR with model A as base and act_align anchor; per-task models "
                    "(no Joint). By construction it reproduces A and aligned(B) (up to dead-unit swaps, see the "
@@ -591,10 +609,24 @@ def write_outputs(records, settings, out_json: Path, out_md: Path, out_png: Path
 
 
 # --------------------------------------------------------------------------- main
+def git_revision() -> str:
+    """HEAD of the repository this script runs in, with "+dirty" when tracked files are modified."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def describe(r1, r2, pairs, sweep_pairs, r2_seeds, r2_tasks, frac, epochs_scale) -> str:
     return (f"regime 1 configs {r1}, {pairs} pair(s) (pair p: classes split_classes(10, 2, seed=p), model "
             f"seeds 100p+1 / 100p+2), alpha sweep on {sweep_pairs} pair(s); regime 2 configs {r2}, "
-            f"{r2_seeds} seed(s), N = {r2_tasks} tasks (split_classes(10, {r2_tasks}, seed=s)), pre-train "
+            f"seeds: {r2_seeds}, N = {r2_tasks} tasks (split_classes(10, {r2_tasks}, seed=s)), pre-train "
             f"(seed 500+s) on all classes using a seeded {frac:g} fraction of the training images for as many "
             f"optimizer steps as one task model, fine-tune (zoo.finetune) on each task's full training images "
             f"for {FT_EPOCHS} epochs at lr {FT_LR}; training recipes zoo.recipe(arch, dataset) with epochs x "
@@ -628,9 +660,17 @@ def combine(args) -> int:
             if any(r["regime"] == regime for r in part["records"]) and key in part["settings"]:
                 return part["settings"][key]
         return default
+    seeds = {}
+    for r in records:
+        if r["regime"] == "finetune":
+            seeds.setdefault(f"{r['dataset']}/{arch_label(r['arch'], r['kw'])}", set()).add(r["pair"])
+    counts = {len(v) for v in seeds.values()}
+    r2_seeds = (counts.pop() if len(counts) == 1 else
+                ", ".join(f"{k} {len(v)}" for k, v in seeds.items()))
     settings["summary"] = describe(labels("disjoint"), labels("finetune"), from_shard("disjoint", "pairs", 0),
-                                   from_shard("disjoint", "sweep_pairs", 0), from_shard("finetune", "r2_seeds", 0),
-                                   from_shard("finetune", "r2_tasks", 4), from_shard("finetune", "r2_pretrain_frac", 0.1),
+                                   from_shard("disjoint", "sweep_pairs", 0), r2_seeds,
+                                   from_shard("finetune", "r2_tasks", 4),
+                                   from_shard("finetune", "r2_pretrain_frac", 0.1),
                                    first.get("epochs_scale", 1.0))
     settings["r2_tasks"] = from_shard("finetune", "r2_tasks", 4)
     stem = args.out or ("quality_quick" if first["quick"] else "quality")
@@ -648,7 +688,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the loaded 2-core box)")
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--sweep-pairs", type=int, default=None)
-    ap.add_argument("--r2-seeds", type=int, default=None)
+    ap.add_argument("--r2-seeds", type=int, default=None, help="seeds of every regime-2 config (default: per config)")
     ap.add_argument("--r2-tasks", type=int, default=None)
     ap.add_argument("--r2-pretrain-frac", type=float, default=0.1,
                     help="fraction of the training images (all classes) used for pre-training in regime 2")
@@ -664,7 +704,7 @@ def main(argv=None) -> int:
     if args.combine:
         return combine(args)
     preset = QUICK if args.quick else FULL
-    for k in ("pairs", "sweep_pairs", "r2_seeds", "r2_tasks"):
+    for k in ("pairs", "sweep_pairs", "r2_tasks"):
         if getattr(args, k) is None:
             setattr(args, k, preset["r1_pairs" if k == "pairs" else k])
     torch.set_num_threads(args.threads)
@@ -681,17 +721,20 @@ def main(argv=None) -> int:
     out_json, out_md = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
     out_png = RESULTS / ("alpha_sweep_quick.png" if args.quick and args.out is None else
                          "alpha_sweep.png" if args.out is None else f"{stem}_alpha_sweep.png")
-    summary = describe([f"{d}/{arch_label(a, k)}" for d, a, k in r1], [f"{d}/{arch_label(a, k)}" for d, a, k in r2],
-                       args.pairs, args.sweep_pairs, args.r2_seeds, args.r2_tasks, args.r2_pretrain_frac,
+    r2_seeds = args.r2_seeds or ", ".join(f"{c[0]}/{arch_label(c[1], c[2])} {c[3] if len(c) > 3 else 1}" for c in r2)
+    summary = describe([f"{d}/{arch_label(a, k)}" for d, a, k in r1], [f"{c[0]}/{arch_label(c[1], c[2])}" for c in r2],
+                       args.pairs, args.sweep_pairs, r2_seeds, args.r2_tasks, args.r2_pretrain_frac,
                        args.epochs_scale)
-    settings = {"argv": list(argv if argv is not None else sys.argv[1:]), "quick": args.quick, "threads": args.threads, "pairs": args.pairs, "sweep_pairs": args.sweep_pairs,
-                "r2_seeds": args.r2_seeds, "r2_tasks": args.r2_tasks, "r2_pretrain_frac": args.r2_pretrain_frac, "epochs_scale": args.epochs_scale,
+    settings = {"argv": list(argv if argv is not None else sys.argv[1:]), "quick": args.quick,
+                "threads": args.threads, "pairs": args.pairs, "sweep_pairs": args.sweep_pairs, "r2_seeds": r2_seeds,
+                "r2_tasks": args.r2_tasks, "r2_pretrain_frac": args.r2_pretrain_frac,
+                "epochs_scale": args.epochs_scale,
                 "recipes": {f"{d}/{a}": scaled_recipe(a, zoo.load_dataset(d), args.epochs_scale)
-                            for d, a, _ in r1 + r2},
+                            for d, a, *_ in r1 + r2},
                 "finetune": {"epochs": FT_EPOCHS, "lr": FT_LR}, "calibration": [CALIB_BATCHES, CALIB_BS],
                 "alphas": ALPHAS, "methods": METHODS, "summary": summary,
                 "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                "cache_dir": str(zoo.default_cache_dir())}
+                "cache_dir": str(zoo.default_cache_dir()), "git": git_revision()}
     records: list[dict] = []
     t0 = time.perf_counter()
     lines: list[str] = []
@@ -712,6 +755,7 @@ def main(argv=None) -> int:
             settings["timings"] = timings
             write_outputs(records, settings, out_json, out_md, out_png, final=False)
     settings["wall_seconds"] = time.perf_counter() - t0
+    settings["train_seconds"] = TRAIN_SECONDS[0]
     write_outputs(records, settings, out_json, out_md, out_png, final=True)
     log("\n" + "\n".join(ordering_report(records)))
     log(f"\nwrote {out_json}, {out_md}, {out_png}; wall {settings['wall_seconds'] / 60:.1f} min; timings {timings}")
