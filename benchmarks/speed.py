@@ -56,10 +56,10 @@ TARGET_ZIP_SPEEDUP = 20.0   # reference / fast at n = 2048
 # name -> how to build the models and the calibration data; quick: smaller data, fewer methods
 CASES = {
     "resnet20x4": dict(source="zoo", arch="resnet20", kwargs={"width": 4}, dataset="mnist",
-                       images=5000, batch=250, quick_images=500,
+                       images=5000, batch=250, quick_images=250,
                        title="ResNet-20 x4 (MNIST)"),
     "vit": dict(source="zoo", arch="vit", kwargs={}, dataset="mnist", images=5000, batch=250,
-                quick_images=500, title="small ViT (MNIST)"),
+                quick_images=250, title="small ViT (MNIST)"),
     "resnet50": dict(source="torchvision", arch="resnet50", images=256, batch=32, quick_images=None,
                      title="torchvision resnet50 (224x224)"),
     "vit_b_16": dict(source="torchvision", arch="vit_b_16", images=256, batch=32, quick_images=None,

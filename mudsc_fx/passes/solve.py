@@ -135,6 +135,30 @@ class AlignmentOps:
                 self.mat[i][s] = (torch.as_tensor(M[i], dtype=self.dtype),
                                   torch.as_tensor(U[i], dtype=self.dtype).T.contiguous())
 
+    def set_perms(self, s: int, perms) -> None:
+        """Permutation matching of space s (M_i = P_i / N, U_i = P_i^T), without the matrices."""
+        self.remove(s)
+        for i in range(self.N):
+            self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
+
+    def set_labels(self, s: int, labels) -> None:
+        """Zip matching of space s from the cluster labels of the N n stacked units (target n),
+        the same operation as ``set`` with :func:`match.matrices_from_labels`."""
+        self.remove(s)
+        labels = np.asarray(labels)
+        n = labels.size // self.N
+        weights = 1.0 / np.maximum(np.bincount(labels, minlength=n).astype(np.float64), 1.0)
+        for i in range(self.N):
+            lab = labels[i * n:(i + 1) * n]
+            self.cluster[i][s] = (torch.as_tensor(lab, dtype=torch.long),
+                                  torch.as_tensor(weights[lab], dtype=self.dtype), n)
+
+    def remove(self, s: int) -> None:
+        for i in range(self.N):
+            self.perm[i].pop(s, None)
+            self.mat[i].pop(s, None)
+            self.cluster[i].pop(s, None)
+
     def op(self, i: int) -> SpaceOp:
         perm, mat, cluster, N = self.perm[i], self.mat[i], self.cluster[i], self.N
 
@@ -178,10 +202,11 @@ class _Solver:
     def __init__(self, pg: PermutationGraph, stats: Optional[Statistics], tensors, cfg: MatchConfig):
         self.pg, self.stats, self.tensors, self.cfg = pg, stats, tensors, cfg
         self.N = len(tensors)
-        self.M: dict[int, tuple[np.ndarray, ...]] = {}
-        self.U: dict[int, tuple[np.ndarray, ...]] = {}
+        # the matching of each space, compact: permutations (align) or cluster labels (zip);
+        # the dense M_i, U_i are only built for the result (n x n per model and space)
         self.perms: dict[int, tuple[np.ndarray, ...]] = {}
         self.labels: dict[int, np.ndarray] = {}
+        self._order: dict[int, None] = {}
         self.ops = AlignmentOps(self.N, torch.float32)  # similarity only: float32 is plenty
         self.f32 = [{k: v.detach().float() for k, v in t.items() if v.is_floating_point()} for t in tensors]
         # Matching a unit is a pure function of its similarities, which depend only on alpha and
@@ -225,7 +250,9 @@ class _Solver:
             ca = ca.copy()
             ca[dead, :] = cw[dead, :]
             ca[:, dead] = cw[:, dead]
-        return alpha * cw + (1.0 - alpha) * ca
+        cw *= alpha  # cw is a fresh array: alpha * cw + (1 - alpha) * ca, with one temporary
+        cw += (1.0 - alpha) * ca
+        return cw
 
     def match_unit(self, unit: SolveUnit, alpha: float) -> float:
         hit = self._cache.get(unit.name)
@@ -316,13 +343,12 @@ class _Solver:
         if self._calls is not None:
             self._calls.append(("perms", s, perms))
         old = self.perms.get(s)
-        if s in self.M and old is not None and len(old) == len(perms) and all(
-                np.array_equal(a, b) for a, b in zip(old, perms)):
-            return  # unchanged: keep the matrices, the ops and the version
-        M, U = match.matrices_from_perms(perms)
-        self.M[s], self.U[s], self.perms[s] = tuple(M), tuple(U), perms
+        if old is not None and len(old) == len(perms) and all(np.array_equal(a, b) for a, b in zip(old, perms)):
+            return  # unchanged: keep the ops and the version
+        self.perms[s] = perms
+        self._order.setdefault(s)
         self.labels.pop(s, None)
-        self.ops.set(s, self.M[s], self.U[s], self.perms[s])
+        self.ops.set_perms(s, perms)
         self.version[s] = self.version.get(s, 0) + 1
 
     def _set_labels(self, s: int, labels) -> None:
@@ -330,32 +356,46 @@ class _Solver:
         if self._calls is not None:
             self._calls.append(("labels", s, labels))
         old = self.labels.get(s)
-        if s in self.M and s not in self.perms and old is not None and np.array_equal(old, labels):
+        if old is not None and np.array_equal(old, labels):
             return
-        n = len(labels) // self.N
-        M, U = match.matrices_from_labels(labels, self.N, n)
-        self.M[s], self.U[s] = tuple(M), tuple(U)
-        self.perms.pop(s, None)
         self.labels[s] = labels
-        self.ops.set(s, self.M[s], self.U[s])
+        self._order.setdefault(s)
+        self.perms.pop(s, None)
+        self.ops.set_labels(s, labels)
         self.version[s] = self.version.get(s, 0) + 1
 
+    def _state(self, s: int):
+        return self.perms.get(s, self.labels.get(s))
+
     def snapshot(self):
-        return dict(self.M), dict(self.U), dict(self.perms), dict(self.labels)
+        return dict(self.perms), dict(self.labels)
 
     def restore(self, snap) -> None:
-        M = snap[0]
-        changed = [s for s in set(self.M) | set(M) if self.M.get(s) is not M.get(s)]
-        self.M, self.U, self.perms, self.labels = (dict(x) for x in snap)
+        perms, labels = snap
+        spaces = set(self.perms) | set(self.labels) | set(perms) | set(labels)
+        changed = [s for s in spaces if self._state(s) is not perms.get(s, labels.get(s))]
+        self.perms, self.labels = dict(perms), dict(labels)
         for s in changed:
             self.version[s] = self.version.get(s, 0) + 1
-            if s in self.M:
-                self.ops.set(s, self.M[s], self.U[s], self.perms.get(s))
+            if s in self.perms:
+                self.ops.set_perms(s, self.perms[s])
+            elif s in self.labels:
+                self.ops.set_labels(s, self.labels[s])
             else:
-                for i in range(self.N):
-                    self.ops.perm[i].pop(s, None)
-                    self.ops.mat[i].pop(s, None)
-                    self.ops.cluster[i].pop(s, None)
+                self.ops.remove(s)
+
+    def alignment(self, objective=(), sweeps: int = 0) -> Alignment:
+        M, U = {}, {}
+        for s, perms in self.perms.items():
+            Ms, Us = match.matrices_from_perms(perms)
+            M[s], U[s] = tuple(Ms), tuple(Us)
+        for s, labels in self.labels.items():
+            n = len(labels) // self.N
+            Ms, Us = match.matrices_from_labels(labels, self.N, n)
+            M[s], U[s] = tuple(Ms), tuple(Us)
+        order = [s for s in self._order if s in M]  # the order in which spaces were first matched
+        return Alignment({s: M[s] for s in order}, {s: U[s] for s in order},
+                         {s: self.perms[s] for s in order if s in self.perms}, self.N, tuple(objective), sweeps)
 
 
 def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mapping[str, torch.Tensor]],
@@ -389,4 +429,4 @@ def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mappi
                 solver.restore(best_snap)
         solver.restore(best_snap)
         log.info("matching: %d sweeps, objective %.4f", sweeps, best)
-    return Alignment(solver.M, solver.U, solver.perms, N, tuple(history), sweeps)
+    return solver.alignment(history, sweeps)

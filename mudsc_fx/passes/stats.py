@@ -163,12 +163,36 @@ class _Gram:
             acc[...] = out.T
 
     @staticmethod
-    def finish(acc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(column sums, full symmetric products) from the lower triangle filled above."""
-        low = np.tril(acc)
-        full = low + np.tril(low, -1).T
+    def correlation(acc: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Pearson correlation, dead units) from the lower triangle filled above, computed in
+        the accumulator's own memory (no (N n)^2 temporaries; the same arithmetic as
+        ``cov = prods / n - outer(mean, mean)``, ``cov / outer(std, std)``, clamp)."""
         m = acc.shape[0] - 1
-        return torch.from_numpy(full[m, :m].copy()), torch.from_numpy(full[:m, :m].copy())
+        B = 256
+        for a in range(0, m + 1, B):  # mirror the lower triangle into the upper one
+            b = min(a + B, m + 1)
+            d = acc[a:b, a:b]
+            d += np.tril(d, -1).T  # the upper part was 0: exact
+            if b < m + 1:
+                acc[a:b, b:] = acc[b:, a:b].T
+        n = max(count, 1)
+        mean = torch.from_numpy(acc[m, :m].copy()) / n
+        cov = torch.from_numpy(acc)[:m, :m]
+        cov.div_(n)
+        for a in range(0, m, B):
+            cov[a:a + B] -= torch.outer(mean[a:a + B], mean)
+        var = cov.diagonal().clone()
+        is_dead = var <= 1e-10 * max(var.abs().max().item(), 1e-30)
+        std = var.clamp_min(1e-30).sqrt()
+        for a in range(0, m, B):
+            cov[a:a + B] /= torch.outer(std[a:a + B], std)
+        cov[is_dead, :] = 0.0
+        cov[:, is_dead] = 0.0
+        cov.clamp_(-1.0, 1.0)
+        flat = acc.reshape(-1)
+        for i in range(1, m):  # make rows contiguous: row i moves from i (m + 1) to i m
+            flat[i * m:(i + 1) * m] = flat[i * (m + 1):i * (m + 1) + m]
+        return flat[:m * m].reshape(m, m), is_dead.numpy()
 
 
 def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
@@ -276,17 +300,6 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
             nodes = sorted({t.node for t in taps[s]})
             raise ValueError(f"non-finite activations at {', '.join(nodes)} (space S{s}): check the models' "
                              "weights and the calibration data")
-        sums, prods = _Gram.finish(acc[s])
+        corr[s], dead[s] = _Gram.correlation(acc[s], count[s])
         acc[s] = None
-        n = max(count[s], 1)
-        mean = sums / n
-        cov = prods / n - torch.outer(mean, mean)
-        var = cov.diagonal().clone()
-        is_dead = var <= 1e-10 * max(var.abs().max().item(), 1e-30)
-        std = var.clamp_min(1e-30).sqrt()
-        c = cov / torch.outer(std, std)
-        c[is_dead, :] = 0.0
-        c[:, is_dead] = 0.0
-        corr[s] = c.clamp(-1.0, 1.0).numpy()
-        dead[s] = is_dead.numpy()
     return corr, count, dead

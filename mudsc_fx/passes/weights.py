@@ -120,14 +120,19 @@ def unit_weight_features(pg: PermutationGraph, tensors: Mapping[str, torch.Tenso
 
 def pearson_rows(Z: torch.Tensor) -> np.ndarray:
     """Correlation between the rows of Z (float64 result); constant rows give 0 (no NaN)."""
-    Z = Z - Z.mean(dim=1, keepdim=True)
+    return _pearson_rows(Z.clone())
+
+
+def _pearson_rows(Z: torch.Tensor) -> np.ndarray:
+    """:func:`pearson_rows`, overwriting Z (the same arithmetic, fewer temporaries)."""
+    Z -= Z.mean(dim=1, keepdim=True)
     norm = Z.norm(dim=1)
     dead = norm <= 1e-6 * max(float(norm.max()) if norm.numel() else 0.0, 1e-30)
-    Zn = Z / torch.where(dead, torch.ones_like(norm), norm)[:, None]
-    C = (Zn @ Zn.T).double()
+    Z /= torch.where(dead, torch.ones_like(norm), norm)[:, None]
+    C = (Z @ Z.T).double()
     C[dead, :] = 0.0
     C[:, dead] = 0.0
-    return C.clamp(-1.0, 1.0).numpy()
+    return C.clamp_(-1.0, 1.0).numpy()
 
 
 def weight_similarity(pg: PermutationGraph, tensors: list[Mapping[str, torch.Tensor]], s: int,
@@ -139,4 +144,4 @@ def weight_similarity(pg: PermutationGraph, tensors: list[Mapping[str, torch.Ten
                    for i, (t, op) in enumerate(zip(tensors, ops))], dim=0)
     if kind == "inner":
         return (Z.double() @ Z.double().T).numpy()
-    return pearson_rows(Z)
+    return _pearson_rows(Z)  # Z is our own concatenation
