@@ -58,13 +58,19 @@ def space_features(x: torch.Tensor, layout: Layout, size: Callable[[int], int]) 
     return space_features(y, layout.inner, size)
 
 
-def tap_features(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
+def _tapped(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tapped axis moved last, through the tap's packed projection if it has one."""
     v = value.movedim(tap.axis, -1)
     if tap.proj is not None:
         wname, bname, start, stop, bstart = tap.proj
         w = params[wname][start:stop]
         b = None if bname is None else params[bname][bstart:bstart + (stop - start)]
         v = F.linear(v, w.to(v.dtype), None if b is None else b.to(v.dtype))
+    return v
+
+
+def tap_features(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
+    v = _tapped(value, tap, params)
     return space_features(v.reshape(-1, v.shape[-1]), tap.layout, size)
 
 
@@ -199,13 +205,7 @@ def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], 
     """Like :func:`tap_features`, but a plain tap stays a view [..., n] (no reshape copy)."""
     if not isinstance(tap.layout, Plain):
         return tap_features(value, tap, params, size)
-    v = value.movedim(tap.axis, -1)
-    if tap.proj is not None:
-        wname, bname, start, stop, bstart = tap.proj
-        w = params[wname][start:stop]
-        b = None if bname is None else params[bname][bstart:bstart + (stop - start)]
-        v = F.linear(v, w.to(v.dtype), None if b is None else b.to(v.dtype))
-    return [(tap.layout.space, v)]
+    return [(tap.layout.space, _tapped(value, tap, params))]
 
 
 def lockstep_tap_module(gm: fx.GraphModule, models: Sequence[nn.Module], node_names: Sequence[str],
