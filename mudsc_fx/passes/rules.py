@@ -11,6 +11,7 @@ cat/split), ``rules_layers`` (weights: linear, conv, norms, embedding, attention
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -149,12 +150,21 @@ _register((F.scaled_dot_product_attention,), S.sdpa)
 _register((torch.addmm, "addmm"), S.addmm)
 
 
+_OPTIONAL = {"torchvision": False}  # third-party rows, registered once the library is imported
+
+
 def _register_optional() -> None:
-    """Rows for functions that third-party libraries hide from fx with torch.fx.wrap."""
+    """Rows for functions that third-party libraries hide from fx with torch.fx.wrap.
+
+    Registered on first lookup after the library is imported (a model that calls them has
+    imported it), so importing mudsc_fx never pays for importing torchvision (~2 s)."""
+    if _OPTIONAL["torchvision"] or "torchvision" not in sys.modules:
+        return
+    _OPTIONAL["torchvision"] = True
     try:
         from torchvision.ops import stochastic_depth
         from torchvision.models import swin_transformer as swin
-    except Exception:  # torchvision is optional
+    except Exception:  # a broken or partial torchvision: its functions stay barriers
         return
     RULES[stochastic_depth] = S.passthrough
     RULES[swin._patch_merging_pad] = L.swin_patch_merging_pad
@@ -162,10 +172,8 @@ def _register_optional() -> None:
     RULES[swin.shifted_window_attention] = L.swin_window_attention
 
 
-_register_optional()
-
-
 def lookup_rule(ctx: InferContext, node: fx.Node) -> Optional[Rule]:
+    _register_optional()
     if node.op == "call_module":
         cls = type(ctx.module(node))
         for klass in cls.__mro__:
