@@ -22,7 +22,7 @@ import numpy as np
 import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mudsc_fx.solvers.match import align, group_align, zip_match, zip_match_reference  # noqa: E402
+from mudsc_fx.solvers import align, group_align, zip_match, zip_match_reference  # noqa: E402
 
 N = 2
 HEAD = 64

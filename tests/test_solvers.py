@@ -1,4 +1,4 @@
-"""Matching solvers (mudsc_fx.solvers.match): planted recoveries and fast == reference zip."""
+"""Matching solvers (mudsc_fx.solvers.match, .zipit): planted recoveries and fast == reference zip."""
 import doctest
 import logging
 import zlib
@@ -6,9 +6,9 @@ import zlib
 import numpy as np
 import pytest
 
-from mudsc_fx.solvers import match
-from mudsc_fx.solvers.match import (align, group_align, group_zip, matrices_from_labels,
-                                    matrices_from_perms, zip_match, zip_match_reference)
+from mudsc_fx.solvers import match, zipit
+from mudsc_fx.solvers.match import align, group_align, group_zip, matrices_from_labels, matrices_from_perms
+from mudsc_fx.solvers.zipit import zip_match, zip_match_reference
 
 
 def _corr(*feats):
@@ -98,8 +98,8 @@ def test_zip_fast_equals_reference_larger_with_refills(chunks, monkeypatch):
     """n = 300: long runs exercise chunk refills, batched refills and pool compaction; tiny
     chunk sizes force every refill path (single row, batch, full row) to run often."""
     if chunks is not None:
-        monkeypatch.setattr(match, "_CHUNKS", chunks)
-        monkeypatch.setattr(match, "_BATCH_ELEMS", 4000)
+        monkeypatch.setattr(zipit, "_CHUNKS", chunks)
+        monkeypatch.setattr(zipit, "_BATCH_ELEMS", 4000)
     rng = np.random.default_rng(3)
     for kind in ("rank1", "normal"):
         _same(_random_sym(rng, 600, kind), 2)
@@ -147,7 +147,7 @@ def test_zip_zero_budget_gives_cross_model_matching():
 
 def test_zip_lifts_budgets_when_masks_block_every_pair(caplog):
     C = _random_sym(np.random.default_rng(6), 90, "normal")
-    with caplog.at_level(logging.WARNING, logger="mudsc_fx.solvers.match"):
+    with caplog.at_level(logging.WARNING, logger="mudsc_fx.solvers.zipit"):
         labels = _same(C, 3, b=0.0)
     assert "finishing without budgets" in caplog.text
     assert labels.max() == 29 and np.bincount(labels).min() >= 1
@@ -285,5 +285,7 @@ def test_group_zip_with_budgets_still_contiguous():
 
 # ---------------------------------------------------------------- docs
 
-def test_docstring_examples_run():
-    assert doctest.testmod(match).failed == 0
+@pytest.mark.parametrize("module", [match, zipit], ids=["match", "zipit"])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

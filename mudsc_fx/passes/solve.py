@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..ir.graph import PermutationGraph
-from ..solvers import match
+from ..solvers import match, zipit
 from .apply import SpaceOp
 from .stats import Statistics
 from .weights import FeatureCache, weight_similarity
@@ -282,7 +282,7 @@ class _Solver:
                 perms = match.align(C, N)
                 self._set_perms(s, perms)
                 return _objective_align(C, perms)
-            labels = match.zip_match(C, N, self.pg.size(s), a=cfg.zip_a, b=cfg.zip_b)
+            labels = zipit.zip_match(C, N, self.pg.size(s), a=cfg.zip_a, b=cfg.zip_b)
             self._set_labels(s, labels)
             return _objective_zip(C, labels)
         return self._match_blocks(unit, Cs)
@@ -334,7 +334,7 @@ class _Solver:
                 for i in range(N):
                     perms[i][b * g:(b + 1) * g] = b * g + bp[i]
             else:
-                bl = np.tile(np.arange(g), N) if within_identity else match.zip_match(sub, N, g, a=self.cfg.zip_a, b=self.cfg.zip_b)
+                bl = np.tile(np.arange(g), N) if within_identity else zipit.zip_match(sub, N, g, a=self.cfg.zip_a, b=self.cfg.zip_b)
                 labels[idx] = b * g + bl
         return perms if how == "align" else labels
 
