@@ -5,8 +5,10 @@
 tuples for tuple outputs) and may unify, fix, add members, taps and producers through ``ctx``.
 Supporting an op is one row here plus a test; an op without a row is a barrier.
 
-The rules themselves live in modules by kind: ``rules_shape`` (reshape, permute, indexing,
-cat/split), ``rules_layers`` (weights: linear, conv, norms, embedding, attention).
+The rules themselves live in modules by kind: ``rules_layers`` (weights: linear, conv, norms,
+embedding, attention), ``rules_elementwise`` (elementwise ops, reductions, ops along one axis),
+``rules_shape`` (reshape, permute, indexing, cat/split, pooling), ``rules_matmul`` (matmul,
+addmm, sdpa, einsum); their shared helpers in ``rules_common``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import rules_elementwise as E
 from . import rules_layers as L
+from . import rules_matmul as M
 from . import rules_shape as S
 from .infer import InferContext
 
@@ -87,11 +91,11 @@ def _register(keys, rule: Rule) -> None:
         RULES[k] = rule
 
 
-_register(_UNARY_MODULES + _UNARY_FUNCTIONS + _UNARY_METHODS, S.passthrough)
-_register(_BINARY + _BINARY_METHODS, S.binary)
-_register(_REDUCTIONS + _REDUCTION_METHODS, S.reduction)
-_register((torch.max, torch.min, "max", "min"), S.max_min)
-_register(_ALONG_DIM + _ALONG_DIM_METHODS, S.along_dim)
+_register(_UNARY_MODULES + _UNARY_FUNCTIONS + _UNARY_METHODS, E.passthrough)
+_register(_BINARY + _BINARY_METHODS, E.binary)
+_register(_REDUCTIONS + _REDUCTION_METHODS, E.reduction)
+_register((torch.max, torch.min, "max", "min"), E.max_min)
+_register(_ALONG_DIM + _ALONG_DIM_METHODS, E.along_dim)
 _register((torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel, "reshape", "view",
            "flatten", "squeeze", "unsqueeze", "unflatten", "ravel", "view_as", "reshape_as", nn.Flatten,
            nn.Unflatten, torch.unflatten, "squeeze_", "unsqueeze_"), S.reshape)
@@ -106,10 +110,10 @@ _register((torch.split, torch.chunk, torch.unbind, torch.tensor_split, "split", 
 _register((operator.getitem,), S.getitem)
 _register((getattr,), S.getattr_rule)
 _register((torch._assert, torch._assert_async, "size", "dim", "numel", "nelement", "data_ptr", "is_contiguous", "get_device", "__len__",
-           len, torch.numel), S.non_tensor)
+           len, torch.numel), E.non_tensor)
 _register((torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm", "__matmul__"),
-          S.matmul)
-_register((torch.einsum,), S.einsum)
+          M.matmul)
+_register((torch.einsum,), M.einsum)
 _register((F.pad,), S.pad)
 _register((nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d,
            F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d), S.spatial(1))
@@ -123,10 +127,10 @@ _register((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.inter
 
 _register((torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.eye, torch.linspace,
            torch.tensor, torch.as_tensor, torch.rand, torch.randn, torch.randint, "new_zeros", "new_ones",
-           "new_full", "new_empty", "new_tensor"), S.constant)
+           "new_full", "new_empty", "new_tensor"), E.constant)
 _register((torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "zero_", "fill_"),
-          S.passthrough)  # constant along every axis: any permutation leaves it unchanged
-_register((torch.triu, torch.tril, "triu", "tril"), S.last_two_fixed)
+          E.passthrough)  # constant along every axis: any permutation leaves it unchanged
+_register((torch.triu, torch.tril, "triu", "tril"), E.last_two_fixed)
 
 _register((nn.Linear, nn.LazyLinear), L.linear_module)
 _register((F.linear,), L.linear_function)
@@ -146,8 +150,8 @@ _register((nn.PReLU,), L.prelu_module)
 _register((nn.Embedding,), L.embedding_module)
 _register((F.embedding,), L.embedding_function)
 _register((nn.MultiheadAttention,), L.multihead_attention)
-_register((F.scaled_dot_product_attention,), S.sdpa)
-_register((torch.addmm, "addmm"), S.addmm)
+_register((F.scaled_dot_product_attention,), M.sdpa)
+_register((torch.addmm, "addmm"), M.addmm)
 
 
 _OPTIONAL = {"torchvision": False}  # third-party rows, registered once the library is imported
@@ -166,7 +170,7 @@ def _register_optional() -> None:
         from torchvision.models import swin_transformer as swin
     except Exception:  # a broken or partial torchvision: its functions stay barriers
         return
-    RULES[stochastic_depth] = S.passthrough
+    RULES[stochastic_depth] = E.passthrough
     RULES[swin._patch_merging_pad] = L.swin_patch_merging_pad
     RULES[swin._get_relative_position_bias] = L.swin_relative_position_bias
     RULES[swin.shifted_window_attention] = L.swin_window_attention

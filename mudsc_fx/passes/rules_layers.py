@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..ir.layout import Concat, Plain, kron
 from ..ir.trace import TensorValue, value_of
 from .infer import InferContext, ParamUse, TensorLabel, fixed_label
-from .rules_shape import _fallback, _is_head, _is_layout, arg
+from .rules_common import arg, fallback, is_head, is_layout
 from .unify import AxisLabel
 
 
@@ -75,7 +75,7 @@ def linear_module(ctx: InferContext, node: fx.Node):
 def linear_function(ctx: InferContext, node: fx.Node):
     w = _operand(ctx, arg(node, 1, "weight"))
     if w is None or len(w.label) != 2:
-        return _fallback(ctx, node, "F.linear with an unexpected weight")
+        return fallback(ctx, node, "F.linear with an unexpected weight")
     return _linear(ctx, node, node.args[0], w, _operand(ctx, arg(node, 2, "bias")))
 
 
@@ -105,12 +105,12 @@ def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[
         ctx.tap(x, ch, inp)
         out = w.take(ctx, 0)
     elif w.use is None:
-        return _fallback(ctx, node, "grouped conv with a computed weight")
+        return fallback(ctx, node, "grouped conv with a computed weight")
     else:
         wshape = w.use.shape
         cout = wshape[0]
         if wshape[1] == 1 and groups == cin:  # depthwise: out unit o reads input unit o // mult
-            src = lin if _is_layout(lin) and not _is_head(ctx, lin) else None
+            src = lin if is_layout(lin) and not is_head(ctx, lin) else None
             if src is None:
                 T.fix_label(lin, why)
             out = w.unify(ctx, 0, None if src is None else kron(src, 1, cout // cin), why)
@@ -118,7 +118,7 @@ def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[
             out_space = w.take(ctx, 0)
             lin_r = T.resolve_label(lin)
             ok_out = isinstance(out_space, Plain) and T.set_blocks(out_space.space, groups, cout // groups)
-            ok_in = isinstance(lin_r, Plain) and not _is_head(ctx, lin_r) and \
+            ok_in = isinstance(lin_r, Plain) and not is_head(ctx, lin_r) and \
                 T.set_blocks(lin_r.space, groups, cin // groups)
             if not ok_out:
                 T.fix_label(out_space, why)
@@ -151,7 +151,7 @@ def _function_rule(core, name: str):
     def rule(ctx: InferContext, node: fx.Node):
         w = _operand(ctx, arg(node, 1, "weight"))
         if w is None:
-            return _fallback(ctx, node, f"{name} with an unexpected weight")
+            return fallback(ctx, node, f"{name} with an unexpected weight")
         return core(ctx, node, node.args[0], w, _operand(ctx, arg(node, 2, "bias")), arg(node, 6, "groups", 1))
     return rule
 
@@ -173,14 +173,14 @@ def _conv_transpose(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b:
         ctx.tap(x, ch, inp)
         out = w.take(ctx, 1)
     elif w.use is None:
-        return _fallback(ctx, node, "grouped conv_transpose with a computed weight")
+        return fallback(ctx, node, "grouped conv_transpose with a computed weight")
     else:
         cin, per = w.use.shape[0], w.use.shape[1]
         cout = per * groups
         out_space = T.new(cout)
         T.set_blocks(out_space, groups, per)
         lin_r = T.resolve_label(lin)
-        if isinstance(lin_r, Plain) and not _is_head(ctx, lin_r) and T.set_blocks(lin_r.space, groups, cin // groups):
+        if isinstance(lin_r, Plain) and not is_head(ctx, lin_r) and T.set_blocks(lin_r.space, groups, cin // groups):
             T.tie(lin_r.space, out_space)
             w.unify(ctx, 0, lin_r, why)
             w.use.mark_in(0)
@@ -218,7 +218,7 @@ def embedding_module(ctx: InferContext, node: fx.Node):
 def embedding_function(ctx: InferContext, node: fx.Node):
     w = _operand(ctx, arg(node, 1, "weight"))
     if w is None:
-        return _fallback(ctx, node, "F.embedding with an unexpected weight")
+        return fallback(ctx, node, "F.embedding with an unexpected weight")
     return _embedding(ctx, node, node.args[0], w)
 
 
@@ -285,7 +285,7 @@ def _group_norm(ctx: InferContext, node: fx.Node, x: fx.Node, groups: int, param
     T = ctx.table
     lin = T.resolve_label(lx[1])
     why = f"group_norm {node.name}"
-    if not (isinstance(lin, Plain) and not _is_head(ctx, lin) and T.set_blocks(lin.space, groups, sx[1] // groups)):
+    if not (isinstance(lin, Plain) and not is_head(ctx, lin) and T.set_blocks(lin.space, groups, sx[1] // groups)):
         T.fix_label(lin, why)
         lin = None
     cur = lin
@@ -388,7 +388,7 @@ def swin_patch_merging_pad(ctx: InferContext, node: fx.Node):
     for a in lx.axes[:-1]:
         ctx.table.fix_label(a, f"padding {node.name}")
     c = lx[-1]
-    if not (_is_layout(c) and not _is_head(ctx, c)):
+    if not (is_layout(c) and not is_head(ctx, c)):
         ctx.table.fix_label(c, f"patch merging {node.name}")
         c = None
     return TensorLabel((None,) * (len(lx) - 1) + (None if c is None else Concat((c,) * 4),))
@@ -415,7 +415,7 @@ def swin_window_attention(ctx: InferContext, node: fx.Node):
     packed = Concat((Plain(qk), Plain(qk), Plain(vs)))
     wqkv, wproj = _operand(ctx, a["qkv_weight"]), _operand(ctx, a["proj_weight"])
     if wqkv is None or wproj is None or wqkv.use is None or wproj.use is None:
-        return _fallback(ctx, node, "window attention with computed weights")
+        return fallback(ctx, node, "window attention with computed weights")
     wqkv.unify(ctx, 0, packed, why)
     x_in = wqkv.unify(ctx, 1, lx[-1], why)
     wqkv.use.mark_in(1)

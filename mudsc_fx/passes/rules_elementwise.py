@@ -1,0 +1,160 @@
+"""Rules for elementwise ops, reductions and ops along one axis."""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ..ir.trace import TensorValue
+from .infer import InferContext, TensorLabel, fixed_label
+from .unify import Parts
+from .rules_common import (
+    UNSET, arg, broadcast, fallback, fixed_of, norm_dims, out_value, tensor_args)
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise
+# ---------------------------------------------------------------------------------------
+def passthrough(ctx: InferContext, node: fx.Node):
+    tens = tensor_args(node)
+    out = out_value(node)
+    if len(tens) > 1:
+        return binary(ctx, node)
+    if not tens or not isinstance(out, TensorValue):
+        return fallback(ctx, node, "expected one tensor in and one out")
+    if ctx.shape(tens[0]) != out.shape:
+        return fallback(ctx, node, "shape changed in an elementwise op")
+    return ctx.tlabel(tens[0])
+
+
+def binary(ctx: InferContext, node: fx.Node):
+    out = out_value(node)
+    tens = tensor_args(node)
+    if not isinstance(out, TensorValue):
+        return None if not tens else fallback(ctx, node, "elementwise op without a tensor result")
+    return broadcast(ctx, [ctx.tlabel(t) for t in tens], [ctx.shape(t) for t in tens], out.shape,
+                     f"elementwise {node.name}")
+
+
+def constant(ctx: InferContext, node: fx.Node):
+    """Tensors made in forward: fixed on every axis (rule 11: they pin what they mix with)."""
+    for t in tensor_args(node):
+        ctx.fix(ctx.label(t), f"argument of tensor factory {node.name}")
+    return fixed_of(out_value(node))
+
+
+def last_two_fixed(ctx: InferContext, node: fx.Node):
+    lx = ctx.tlabel(node.args[0])
+    for a in lx.axes[-2:]:
+        ctx.table.fix_label(a, f"triangular mask {node.name}")
+    return TensorLabel(lx.axes[:-2] + (None, None))
+
+
+def non_tensor(ctx: InferContext, node: fx.Node):
+    if isinstance(out_value(node), TensorValue):
+        return fallback(ctx, node, "unexpected tensor result")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# reductions and ops along one axis
+# ---------------------------------------------------------------------------------------
+_NORM_LIKE = {"norm", torch.norm, torch.linalg.vector_norm}
+
+
+def _reduced_dims(node: fx.Node, ndim: int) -> Optional[list[int]]:
+    pos = 2 if node.target in _NORM_LIKE else 1
+    d = node.kwargs.get("dim", node.kwargs.get("axis", UNSET))
+    if d is UNSET:
+        d = node.args[pos] if len(node.args) > pos and isinstance(node.args[pos], (int, tuple, list)) \
+            and not isinstance(node.args[pos], bool) else None
+    return norm_dims(d, ndim)
+
+
+def _reduce_label(ctx: InferContext, lx: TensorLabel, dims: list[int], keep: bool) -> TensorLabel:
+    out = []
+    for i, a in enumerate(lx.axes):
+        if i in dims:
+            if isinstance(a, Parts):
+                ctx.table.fix_label(a, "reduction over fused parts")
+            if keep:
+                out.append(None)
+        else:
+            out.append(a)
+    return TensorLabel(tuple(out))
+
+
+def reduction(ctx: InferContext, node: fx.Node):
+    """Rule 6: reductions over a permuted axis are invariant; the axis disappears."""
+    x = node.args[0]
+    lx, shp = ctx.tlabel(x), ctx.shape(x)
+    out = out_value(node)
+    if not isinstance(out, TensorValue):
+        return fallback(ctx, node, "reduction with a non-tensor result")
+    dims = _reduced_dims(node, len(shp))
+    if dims is None:
+        dims = list(range(len(shp)))
+    keep = out.ndim == len(shp)
+    return _reduce_label(ctx, lx, dims, keep)
+
+
+def max_min(ctx: InferContext, node: fx.Node):
+    if len(tensor_args(node)) > 1:
+        return binary(ctx, node)
+    x = node.args[0]
+    lx, shp = ctx.tlabel(x), ctx.shape(x)
+    out = out_value(node)
+    if isinstance(out, TensorValue) and out.ndim == 0:
+        return TensorLabel(())
+    if not isinstance(out, tuple):
+        return fallback(ctx, node, "max/min with an unexpected result")
+    dims = norm_dims(arg(node, 1, "dim"), len(shp))
+    keep = out[0].ndim == len(shp)
+    indices_used = any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0
+                       for u in node.users)
+    if indices_used:  # argmax used as an index: the reduced axis must not move
+        for d in dims:
+            ctx.table.fix_label(lx[d], f"indices of {node.name} are used")
+    lab = _reduce_label(ctx, lx, dims, keep)
+    return (lab, lab)
+
+
+_ALONG = {  # op -> (positional index of the dim argument, default; None = every axis)
+    "cumsum": (1, None), "cumprod": (1, None), "cummax": (1, None), "cummin": (1, None), "flip": (1, None),
+    "sort": (1, -1), "argsort": (1, -1), "topk": (2, -1), "kthvalue": (2, -1), "gather": (1, None),
+    "index_select": (1, None), "take_along_dim": (2, None), "roll": (2, None), "argmax": (1, None),
+    "argmin": (1, None), "median": (1, None), "mode": (1, -1), "scatter": (1, None),
+    "scatter_add": (1, None), "index_add": (1, None), "index_fill": (1, None),
+}
+
+
+def along_dim(ctx: InferContext, node: fx.Node):
+    """Rule 6: cumsum, sort, flip, gather, roll, argmax ... along a permuted axis pin it."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    pos, default = _ALONG[name]
+    x = node.args[0]
+    lx, shp = ctx.tlabel(x), ctx.shape(x)
+    key = "dims" if name in ("flip", "roll") else "dim"
+    dims = norm_dims(arg(node, pos, key, default), len(shp))
+    dims = list(range(len(shp))) if dims is None else dims
+    for d in dims:
+        ctx.table.fix_label(lx[d], f"{name} along a permuted axis ({node.name})")
+    for t in tensor_args(node)[1:]:
+        ctx.fix(ctx.label(t), f"index/source tensor of {node.name}")
+    lx = ctx.tlabel(x)
+    out = out_value(node)
+
+    def shaped(v: TensorValue) -> TensorLabel:
+        if v.ndim == len(shp):
+            return TensorLabel(tuple(None if i in dims else a for i, a in enumerate(lx.axes)))
+        if v.ndim == len(shp) - len(dims):
+            return TensorLabel(tuple(a for i, a in enumerate(lx.axes) if i not in dims))
+        return fixed_label(v.ndim)
+
+    if isinstance(out, TensorValue):
+        return shaped(out)
+    if isinstance(out, tuple):
+        return tuple(shaped(v) if isinstance(v, TensorValue) else None for v in out)
+    return None
