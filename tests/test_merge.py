@@ -271,3 +271,85 @@ def test_statistics_match_a_slow_reference():
         feats.append(torch.cat(vals).numpy())
     ref = np.corrcoef(np.concatenate(feats, axis=1).T)
     np.testing.assert_allclose(stats.corr[s], ref, atol=1e-8)
+
+
+# ---------------------------------------------------------------- solve stage
+
+def _graph_and_stats(name):
+    t, a, b = _two_models(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pg = mf.infer(a, _inputs(t))
+    return pg, mf.collect_stats([a, b], pg, _calibration(t)), a, b
+
+
+def _same_alignment(x, y):
+    assert list(x.M) == list(y.M) and x.sweeps == y.sweeps and x.objective == y.objective
+    for s in x.M:
+        for p, q in zip(x.M[s] + x.U[s], y.M[s] + y.U[s]):
+            np.testing.assert_array_equal(p, q)
+
+
+def test_solve_takes_models_or_their_named_tensors():
+    from mudsc_fx.passes.apply import named_tensors
+    pg, stats, a, b = _graph_and_stats("resnet_bn")
+    cfg = mf.method_config("mudsc_zip")
+    _same_alignment(mf.solve(pg, stats, [a, b], cfg), mf.solve(pg, stats, [named_tensors(a), named_tensors(b)], cfg))
+
+
+def test_solve_errors_name_the_model():
+    pg, stats, a, b = _graph_and_stats("mlp")
+    cfg = mf.method_config("act_align")
+    with pytest.raises(TypeError, match="model 1 is a list"):
+        mf.solve(pg, stats, [a, [1, 2]], cfg)
+    partial = dict(b.state_dict())
+    gone = pg.params[0]
+    del partial[gone]
+    with pytest.raises(KeyError, match=f"model 1 has no tensor '{gone}'"):
+        mf.solve(pg, stats, [a, partial], cfg)
+
+
+@pytest.mark.parametrize("name,method", [("vit_mha", "mudsc_zip"), ("squeeze_excite", "mudsc_align"),
+                                         ("convtranspose_ae", "mudsc_zip"), ("convnext", "rebasin")])
+def test_solve_replay_caches_change_nothing(monkeypatch, name, method):
+    """The unit / feature caches (and the stamps restored with a snapshot) only skip work:
+    the same solve with every cache emptied before each rematch gives the same alignment.
+    These cases revert changed spaces to the best snapshot (counted), the risky path."""
+    from mudsc_fx.passes import solve as solve_mod
+    pg, stats, a, b = _graph_and_stats(name)
+    cfg = mf.method_config(method)
+    reverted = []
+    restore = solve_mod._Solver.restore
+
+    def counting_restore(self, snap):
+        reverted.extend(s for s in set(snap[0]) | set(snap[1]) if self._state(s) is not snap[0].get(s, snap[1].get(s)))
+        return restore(self, snap)
+    monkeypatch.setattr(solve_mod._Solver, "restore", counting_restore)
+    cached = mf.solve(pg, stats, [a, b], cfg, seed=2)
+    assert reverted, "this case no longer exercises reverting to a snapshot"
+    match_unit = solve_mod._Solver.match_unit
+
+    def uncached(self, unit, alpha):
+        self._cache.clear()
+        self.features._store.clear()
+        self.features.bytes = 0
+        return match_unit(self, unit, alpha)
+    monkeypatch.setattr(solve_mod._Solver, "match_unit", uncached)
+    _same_alignment(cached, mf.solve(pg, stats, [a, b], cfg, seed=2))
+
+
+def test_weight_pearson_matches_numpy():
+    from mudsc_fx.passes.weights import pearson_rows
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        Z = torch.randn(300, 40, generator=g, dtype=dtype)
+        Z[7] = 3.0  # a constant row: correlation 0, not NaN
+        got = pearson_rows(Z)
+        Zd = Z.double().numpy()
+        Zc = Zd - Zd.mean(1, keepdims=True)
+        nrm = np.linalg.norm(Zc, axis=1)
+        nrm[7] = 1.0
+        ref = (Zc / nrm[:, None]) @ (Zc / nrm[:, None]).T
+        ref[7, :] = ref[:, 7] = 0.0
+        np.testing.assert_allclose(got, ref, atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert np.array_equal(got, got.T) and got.dtype == np.float64

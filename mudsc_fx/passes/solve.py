@@ -8,16 +8,18 @@ are the same loop with different similarities and patience.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..ir.graph import PermutationGraph
 from ..solvers import match, zipit
-from .apply import SpaceOp
+from .apply import SpaceOp, named_tensors
 from .stats import Statistics
 from .weights import FeatureCache, weight_similarity
 
@@ -211,9 +213,11 @@ class _Solver:
         self.f32 = [{k: v.detach().float() for k, v in t.items() if v.is_floating_point()} for t in tensors]
         # Matching a unit is a pure function of its similarities, which depend only on alpha and
         # on the current matching of the spaces its weight features read (recorded as they are
-        # read). version[s] counts the changes of space s; a unit whose inputs did not change
-        # since it was last matched replays that result instead of recomputing it.
+        # read). version[s] names the current matching of space s (a fresh stamp per change, and
+        # a restored snapshot brings its stamps back); a unit whose inputs have the versions
+        # they had when it was last matched replays that result instead of recomputing it.
         self.version: dict[int, int] = {}
+        self._stamps = itertools.count(1)
         self._cache: dict[str, tuple] = {}
         self._read: Optional[set] = None
         self._calls: Optional[list] = None
@@ -349,7 +353,7 @@ class _Solver:
         self._order.setdefault(s)
         self.labels.pop(s, None)
         self.ops.set_perms(s, perms)
-        self.version[s] = self.version.get(s, 0) + 1
+        self.version[s] = next(self._stamps)
 
     def _set_labels(self, s: int, labels) -> None:
         labels = np.asarray(labels)
@@ -362,21 +366,21 @@ class _Solver:
         self._order.setdefault(s)
         self.perms.pop(s, None)
         self.ops.set_labels(s, labels)
-        self.version[s] = self.version.get(s, 0) + 1
+        self.version[s] = next(self._stamps)
 
     def _state(self, s: int):
         return self.perms.get(s, self.labels.get(s))
 
     def snapshot(self):
-        return dict(self.perms), dict(self.labels)
+        return dict(self.perms), dict(self.labels), dict(self.version)
 
     def restore(self, snap) -> None:
-        perms, labels = snap
+        perms, labels, version = snap
         spaces = set(self.perms) | set(self.labels) | set(perms) | set(labels)
         changed = [s for s in spaces if self._state(s) is not perms.get(s, labels.get(s))]
         self.perms, self.labels = dict(perms), dict(labels)
         for s in changed:
-            self.version[s] = self.version.get(s, 0) + 1
+            self.version[s] = version.get(s, 0)  # the same matching as then: the same name
             if s in self.perms:
                 self.ops.set_perms(s, self.perms[s])
             elif s in self.labels:
@@ -398,9 +402,28 @@ class _Solver:
                          {s: self.perms[s] for s in order if s in self.perms}, self.N, tuple(objective), sweeps)
 
 
-def solve(pg: PermutationGraph, stats: Optional[Statistics], tensors: list[Mapping[str, torch.Tensor]],
-          cfg: MatchConfig, seed: int = 0) -> Alignment:
-    """Match every free space of ``pg`` across the N models whose tensors are given."""
+def _named_tensors(pg: PermutationGraph, models) -> list[Mapping[str, torch.Tensor]]:
+    out = []
+    for i, m in enumerate(models):
+        if isinstance(m, nn.Module):
+            m = named_tensors(m)
+        elif not isinstance(m, Mapping):
+            raise TypeError(f"solve: model {i} is a {type(m).__name__}, expected an nn.Module or a "
+                            "mapping from tensor names to tensors")
+        missing = [fqn for fqn in pg.params if fqn not in m]
+        if missing:
+            raise KeyError(f"solve: model {i} has no tensor {missing[0]!r} (of {len(missing)} missing) "
+                           "that the permutation graph's members need")
+        out.append(m)
+    return out
+
+
+def solve(pg: PermutationGraph, stats: Optional[Statistics],
+          tensors: Sequence[Union[nn.Module, Mapping[str, torch.Tensor]]], cfg: MatchConfig,
+          seed: int = 0) -> Alignment:
+    """Match every free space of ``pg`` across the N models given (or their named tensors:
+    parameters and buffers by qualified name)."""
+    tensors = _named_tensors(pg, tensors)
     N = len(tensors)
     if cfg.match is None:
         return Alignment({}, {}, {}, N)

@@ -143,6 +143,20 @@ def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Itera
     return Statistics(corr, samples, dead, N)
 
 
+def mirror_lower_(a: np.ndarray, block: int = 256) -> np.ndarray:
+    """Copy the strict lower triangle of the square C-order array ``a`` onto its upper one, in
+    place and by blocks (no m x m temporaries). The upper part must hold zeros (as BLAS syrk
+    leaves it): the diagonal blocks add their transpose's strict lower part, exactly."""
+    m = a.shape[0]
+    for i in range(0, m, block):
+        j = min(i + block, m)
+        d = a[i:j, i:j]
+        d += np.tril(d, -1).T
+        if j < m:
+            a[i:j, j:] = a[j:, i:j].T
+    return a
+
+
 class _Gram:
     """Float64 sums and sums of outer products of the rows of feature matrices.
 
@@ -175,12 +189,7 @@ class _Gram:
         ``cov = prods / n - outer(mean, mean)``, ``cov / outer(std, std)``, clamp)."""
         m = acc.shape[0] - 1
         B = 256
-        for a in range(0, m + 1, B):  # mirror the lower triangle into the upper one
-            b = min(a + B, m + 1)
-            d = acc[a:b, a:b]
-            d += np.tril(d, -1).T  # the upper part was 0: exact
-            if b < m + 1:
-                acc[a:b, b:] = acc[b:, a:b].T
+        mirror_lower_(acc)
         n = max(count, 1)
         mean = torch.from_numpy(acc[m, :m].copy()) / n
         cov = torch.from_numpy(acc)[:m, :m]
