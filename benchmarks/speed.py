@@ -264,8 +264,9 @@ def _spawn(spec: dict, tree, timeout) -> dict:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = str(spec["threads"])
-    if tree:
-        env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # time this checkout's mudsc_fx (or --tree's), whatever is installed
+    front = str(tree) if tree else str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([front] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", res.name]
         try:
