@@ -30,6 +30,7 @@ shared 2-core machine two threads thrash as soon as another process is busy).
     python benchmarks/speed.py --quick      # small data, 1 repeat, under 2 minutes
     python benchmarks/speed.py --cases resnet20x4 --methods zipit --repeats 5
     python benchmarks/speed.py --tree /tmp/old  # time another checkout's mudsc_fx (before/after)
+    python benchmarks/speed.py --combine a.json b.json   # merge runs made in parallel processes
 """
 from __future__ import annotations
 
@@ -406,6 +407,28 @@ def _git_commit(tree) -> str:
         return "unknown"
 
 
+def combine(paths: list[Path], prefix: Path) -> None:
+    """One result from several runs: cases, runs and their metadata side by side (a case in
+    several files: the later file's), machine and scaling from the last file that has them."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    result = {k: v for k, v in parts[0].items() if k not in ("cases", "runs", "case_specs", "case_meta")}
+    for key in ("cases", "runs", "case_specs", "case_meta"):
+        result[key] = {k: v for part in parts for k, v in part.get(key, {}).items()}
+    for key in ("solver_scaling", "machine"):
+        found = [part[key] for part in parts if key in part]
+        if found:
+            result[key] = found[-1]
+    result["repeats"] = sorted({m.get("repeats") for m in result["case_meta"].values()} - {None})
+    result["combined_from"] = [str(p) for p in paths]
+    result["notes"] = list(dict.fromkeys(n for part in parts for n in part.get("notes", [])))
+    result["targets"] = targets(result)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(prefix) + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(str(prefix) + ".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"combined {len(paths)} runs into {prefix}.json and {prefix}.md")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small data, 1 repeat (< 2 minutes)")
@@ -422,6 +445,10 @@ def main(argv=None):
                          "or a temporary file with --quick")
     ap.add_argument("--update", action="store_true",
                     help="keep the cases (and solver scaling) of an existing PREFIX.json that this run does not redo")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="only merge earlier runs (e.g. cases run in parallel processes with --out) into "
+                         "PREFIX.json/.md: their cases, later files first, and the solver scaling of the "
+                         "last file that has one")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -432,6 +459,9 @@ def main(argv=None):
         Path(args.worker_out).write_text(json.dumps(res))
         return
 
+    if args.combine:
+        combine(args.combine, args.out or RESULTS / "speed")
+        return
     repeats = args.repeats or (1 if args.quick else 3)
     methods = [m for m in args.methods.split(",") if m]
     if args.cases:
