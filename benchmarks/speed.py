@@ -412,8 +412,10 @@ def combine(paths: list[Path], prefix: Path) -> None:
     several files: the later file's), machine and scaling from the last file that has them."""
     parts = [json.loads(p.read_text()) for p in paths]
     result = {k: v for k, v in parts[0].items() if k not in ("cases", "runs", "case_specs", "case_meta")}
+    rank = {name: i for i, name in enumerate(CASES)}
     for key in ("cases", "runs", "case_specs", "case_meta"):
-        result[key] = {k: v for part in parts for k, v in part.get(key, {}).items()}
+        merged = {k: v for part in parts for k, v in part.get(key, {}).items()}
+        result[key] = dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     for key in ("solver_scaling", "machine"):
         found = [part[key] for part in parts if key in part]
         if found:
