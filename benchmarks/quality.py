@@ -232,6 +232,17 @@ def metrics(r: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- regime 1
+def recorder(base: dict, records: list):
+    """(rows, add): add(method, metrics, **extra) appends one record to ``records`` and ``rows``."""
+    rows: list[dict] = []
+
+    def add(method, r, **extra):
+        row = {**base, "method": method, **metrics(r), **extra}
+        records.append(row)
+        rows.append(row)
+    return rows, add
+
+
 def run_disjoint(cfg, args, records, log):
     name, arch, kw = cfg
     ds = zoo.load_dataset(name)
@@ -251,12 +262,7 @@ def run_disjoint(cfg, args, records, log):
         def ev(m, tasks=tasks):
             return zoo.evaluate(m, head, ds.x_test, ds.y_test, tasks)
 
-        rows = []
-
-        def add(method, r, **extra):
-            row = {**base, "method": method, **metrics(r), **extra}
-            records.append(row)
-            rows.append(row)
+        rows, add = recorder(base, records)
 
         add("model A", ev(models[0]))
         add("model B", ev(models[1]))
@@ -340,12 +346,7 @@ def run_finetune(cfg, args, records, log):
         def ev(m):
             return zoo.evaluate(m, head, ds.x_test, ds.y_test, tasks)
 
-        rows = []
-
-        def add(method, r, **extra):
-            row = {**base, "method": method, **metrics(r), **extra}
-            records.append(row)
-            rows.append(row)
+        rows, add = recorder(base, records)
 
         add("pretrained", ev(pre))
         for t, m in enumerate(fts):
