@@ -243,6 +243,17 @@ def recorder(base: dict, records: list):
     return rows, add
 
 
+def verify_staged(merger, rows: list, log) -> None:
+    """The staged pipeline (stages shared by every method) must equal a real mf.merge call;
+    the max abs difference of the state dicts is recorded on this configuration's rows."""
+    diff = merger.verify("mudsc_zip")
+    log(f"    check: staged pipeline vs mf.merge(method='mudsc_zip'): max |diff| = {diff:.3g}")
+    for row in rows:
+        row["verify_max_abs_diff_vs_mf_merge"] = diff
+    if diff > 1e-5:
+        raise RuntimeError(f"staged merge differs from mf.merge by {diff}")
+
+
 def run_disjoint(cfg, args, records, log):
     name, arch, kw = cfg
     ds = zoo.load_dataset(name)
@@ -276,12 +287,7 @@ def run_disjoint(cfg, args, records, log):
             add(method, r, seconds=round(dt, 3), sweeps=al.sweeps)
         stats_s = merger.stats_seconds
         if p == 0 and not args.no_verify:
-            diff = merger.verify("mudsc_zip")
-            log(f"    check: staged pipeline vs mf.merge(method='mudsc_zip'): max |diff| = {diff:.3g}")
-            for row in rows:
-                row["verify_max_abs_diff_vs_mf_merge"] = diff
-            if diff > 1e-5:
-                raise RuntimeError(f"staged merge differs from mf.merge by {diff}")
+            verify_staged(merger, rows, log)
         # align + EMR, model A as base/anchor (see the module docstring)
         keep = merger.graph.output_params()
         emr = mf.emr_merge(models[0], list(models), keep=keep, align="act_align", data=calib)
@@ -357,12 +363,7 @@ def run_finetune(cfg, args, records, log):
             merged, mcfg, dt, al = merger.merge(method)
             add(method, ev(merged), seconds=round(dt, 3), sweeps=al.sweeps)
         if s == 0 and not args.no_verify:
-            diff = merger.verify("mudsc_zip")
-            log(f"    check: staged pipeline vs mf.merge(method='mudsc_zip'): max |diff| = {diff:.3g}")
-            for row in rows:
-                row["verify_max_abs_diff_vs_mf_merge"] = diff
-            if diff > 1e-5:
-                raise RuntimeError(f"staged merge differs from mf.merge by {diff}")
+            verify_staged(merger, rows, log)
 
         def joint_tv(method, model, dt):
             if has_batchnorm(model):
