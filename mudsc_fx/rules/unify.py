@@ -50,6 +50,7 @@ class SpaceTable:
         self.alias: list[Optional[Layout]] = []
         self.is_head: list[bool] = []
         self.conflicts: list[str] = []
+        self.events = 0  # grows whenever a space becomes fixed or a conflict is recorded
 
     # -- basic union-find -------------------------------------------------------------
     def new(self, size: int, *, is_head: bool = False) -> int:
@@ -109,6 +110,7 @@ class SpaceTable:
         self.reasons[r].add(reason)
         if not self.fixed[r]:
             self.fixed[r] = True
+            self.events += 1
             if self.head[r] is not None:
                 self.fix_space(self.head[r], reason)
 
@@ -171,6 +173,7 @@ class SpaceTable:
     # -- unification ------------------------------------------------------------------
     def conflict(self, what: str, *layouts: AxisLabel) -> None:
         self.conflicts.append(what)
+        self.events += 1
         for lay in layouts:
             self.fix_label(lay, f"conflict: {what}")
 

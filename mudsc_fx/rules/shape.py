@@ -10,9 +10,8 @@ import torch.fx as fx
 
 from ..ir.layout import Concat, Fixed, Kron, Plain, concat, kron, layout_size
 from ..ir.trace import TensorValue, value_of
-from .infer import InferContext, TensorLabel, fixed_label
-from .unify import AxisLabel, Parts, Within
-from .rules_common import arg, fallback, is_head, is_layout, out_value
+from .context import AxisLabel, InferContext, Parts, TensorLabel, Within, fixed_label
+from .common import arg, fallback, is_head, is_layout, out_value
 
 
 # ---------------------------------------------------------------------------------------
@@ -28,15 +27,14 @@ def _merge(ctx: InferContext, labels: list[AxisLabel], sizes: list[int]) -> tupl
     if len(nz) == 1 and is_layout(labels[nz[0]]) and not is_head(ctx, labels[nz[0]]):
         p = nz[0]
         return True, kron(labels[p], before(p), after(p))
-    T = ctx.table
     if len(nz) == 2 and nz[1] == nz[0] + 1:
         h, w = labels[nz[0]], labels[nz[1]]
-        if isinstance(w, Within) and isinstance(h, Plain) and T.head_of(w.space) == T.find(h.space):
-            return True, kron(Plain(T.find(w.space)), before(nz[0]), after(nz[1]))
+        if isinstance(w, Within) and isinstance(h, Plain) and ctx.head_of(w.space) == ctx.find(h.space):
+            return True, kron(Plain(ctx.find(w.space)), before(nz[0]), after(nz[1]))
     if len(nz) == 3 and nz[2] == nz[0] + 2:
         p, h, w = (labels[i] for i in nz)
         if isinstance(p, Parts) and isinstance(w, Within) and isinstance(h, Plain) \
-                and T.find(w.space) == T.find(p.spaces[0]) and T.head_of(w.space) == T.find(h.space):
+                and ctx.find(w.space) == ctx.find(p.spaces[0]) and ctx.head_of(w.space) == ctx.find(h.space):
             return True, kron(Concat(tuple(Plain(s) for s in p.spaces)), before(nz[0]), after(nz[2]))
     return False, None
 
@@ -45,29 +43,28 @@ def _split(ctx: InferContext, label: AxisLabel, sizes: list[int]) -> list[AxisLa
     """Rule 8: one axis viewed as several (all sizes > 1)."""
     if label is None or len(sizes) == 1:
         return [label] + [None] * (len(sizes) - 1)
-    T = ctx.table
     if isinstance(label, Kron):
-        m = layout_size(label.inner, T.space_size)
+        m = layout_size(label.inner, ctx.space_size)
         for k in range(len(sizes)):
             for k2 in range(k + 1, len(sizes) + 1):
                 if math.prod(sizes[:k]) == label.outer and math.prod(sizes[k2:]) == label.inner_rep \
                         and math.prod(sizes[k:k2]) == m:
                     return [None] * k + _split(ctx, label.inner, sizes[k:k2]) + [None] * (len(sizes) - k2)
-        T.fix_label(label, "reshape that splits a kron layout unevenly")
+        ctx.fix(label, "reshape that splits a kron layout unevenly")
         return [None] * len(sizes)
-    if isinstance(label, Plain) and not T.is_head[T.find(label.space)]:
-        s = T.find(label.space)
-        if len(sizes) == 2 and T.set_blocks(s, sizes[0], sizes[1]):
-            return [Plain(T.head_of(s)), Within(s)]
-        if len(sizes) == 3 and T.blocks[s] is None:
-            parts = T.split(s, [sizes[1] * sizes[2]] * sizes[0])
+    if isinstance(label, Plain) and not ctx.is_head_space(label.space):
+        s = ctx.find(label.space)
+        if len(sizes) == 2 and ctx.set_blocks(s, sizes[0], sizes[1]):
+            return [Plain(ctx.head_of(s)), Within(s)]
+        if len(sizes) == 3 and ctx.blocks_of(s) is None:
+            parts = ctx.split_space(s, [sizes[1] * sizes[2]] * sizes[0])
             if parts is not None:
                 ps = [p.space for p in parts.parts]
-                if all(T.set_blocks(p, sizes[1], sizes[2]) for p in ps):
+                if all(ctx.set_blocks(p, sizes[1], sizes[2]) for p in ps):
                     for p in ps[1:]:
-                        T.tie(ps[0], p)
-                    return [Parts(tuple(ps)), Plain(T.head_of(ps[0])), Within(ps[0])]
-    T.fix_label(label, "reshape that cannot be tracked")
+                        ctx.tie(ps[0], p)
+                    return [Parts(tuple(ps)), Plain(ctx.head_of(ps[0])), Within(ps[0])]
+    ctx.fix(label, "reshape that cannot be tracked")
     return [None] * len(sizes)
 
 
@@ -95,13 +92,13 @@ def reshape_label(ctx: InferContext, lx: TensorLabel, in_shape: tuple[int, ...],
         ok, merged = _merge(ctx, labs, [A[k] for k in ia])
         if not ok:
             for a in labs:
-                ctx.table.fix_label(a, f"{why}: flatten of axes that cannot be tracked")
+                ctx.fix(a, f"{why}: flatten of axes that cannot be tracked")
             merged = None
         for k, lab in zip(ja, _split(ctx, merged, [B[k] for k in ja])):
             res[outs[k]] = lab
     for k in range(len(in_shape)):  # size-1 axes that carry a label (size-1 spaces): pin them
         if in_shape[k] == 1 and lx[k] is not None:
-            ctx.table.fix_label(lx[k], "size-1 axis dropped by a reshape")
+            ctx.fix(lx[k], "size-1 axis dropped by a reshape")
     return TensorLabel(tuple(res))
 
 
@@ -110,9 +107,9 @@ def reshape(ctx: InferContext, node: fx.Node):
     out = out_value(node)
     if not isinstance(out, TensorValue):
         return fallback(ctx, node, "reshape without a tensor result")
-    n_fixed = len(ctx.table.conflicts), sum(ctx.table.fixed)
+    n_fixed = ctx.fix_events()
     res = reshape_label(ctx, ctx.tlabel(x), ctx.shape(x), out.shape, f"reshape {node.name}")
-    if (len(ctx.table.conflicts), sum(ctx.table.fixed)) != n_fixed:
+    if ctx.fix_events() != n_fixed:
         ctx.note_barrier(node, "reshape that merges or interleaves several permuted axes (e.g. channel shuffle)")
     return res
 
@@ -144,7 +141,7 @@ def expand(ctx: InferContext, node: fx.Node):
     res = [None] * off
     for k, n in enumerate(shp):
         if n == 1 and out[off + k] != 1:
-            ctx.table.fix_label(lx[k], "expanded size-1 axis")
+            ctx.fix(lx[k], "expanded size-1 axis")
             res.append(None)
         else:
             res.append(lx[k])
@@ -165,7 +162,7 @@ def repeat(ctx: InferContext, node: fx.Node):
         elif is_layout(a) and not is_head(ctx, a):
             res.append(kron(a, r, 1))
         else:
-            ctx.table.fix_label(a, "repeat of a structured axis")
+            ctx.fix(a, "repeat of a structured axis")
             res.append(None)
     return TensorLabel(tuple(res))
 
@@ -185,7 +182,7 @@ def cat(ctx: InferContext, node: fx.Node):
         if is_layout(a) and not is_head(ctx, a):
             parts.append(a)
         else:
-            ctx.table.fix_label(a, "cat along a structured axis")
+            ctx.fix(a, "cat along a structured axis")
             parts.append(Fixed(shp[dim]))
     res = []
     for k in range(out.ndim):
@@ -216,9 +213,9 @@ def stack(ctx: InferContext, node: fx.Node):
 
 
 def _substitute_part(ctx: InferContext, lab: TensorLabel, parts: Parts, t: int) -> list[AxisLabel]:
-    T = ctx.table
-    first = T.find(parts.spaces[0])
-    return [Within(T.find(parts.spaces[t])) if isinstance(a, Within) and T.find(a.space) == first else a
+    ctx.invariant(parts)  # selecting part t of a fused axis accounts for the whole axis
+    first = ctx.find(parts.spaces[0])
+    return [Within(ctx.find(parts.spaces[t])) if isinstance(a, Within) and ctx.find(a.space) == first else a
             for a in lab.axes]
 
 
@@ -229,23 +226,30 @@ def _index_axis(ctx: InferContext, lab: TensorLabel, axis: int, t: int, why: str
     if isinstance(a, Parts):
         axes = _substitute_part(ctx, lab, a, t)
     elif a is not None:
-        ctx.table.fix_label(a, why)
+        ctx.fix(a, why)
     del axes[axis]
     return axes
 
 
+def unbind(ctx: InferContext, node: fx.Node):
+    """unbind along an axis: every piece is one index of it (a fused-parts axis gives parts)."""
+    x = node.args[0]
+    lx, shp = ctx.tlabel(x), ctx.shape(x)
+    out = out_value(node)
+    if not isinstance(out, tuple) or not all(isinstance(v, TensorValue) for v in out):
+        return fallback(ctx, node, "unbind without tensor pieces")
+    dim = arg(node, 1, "dim", 0) % len(shp)
+    return tuple(TensorLabel(tuple(_index_axis(ctx, lx, dim, t, f"unbind {node.name}"))) for t in range(len(out)))
+
+
 def split(ctx: InferContext, node: fx.Node):
-    """Rule 7: split / chunk / unbind refine the upstream space into aligned parts."""
+    """Rule 7: split / chunk / tensor_split refine the upstream space into aligned parts."""
     x = node.args[0]
     lx, shp = ctx.tlabel(x), ctx.shape(x)
     out = out_value(node)
     if not isinstance(out, tuple) or not all(isinstance(v, TensorValue) for v in out):
         return fallback(ctx, node, "split without tensor pieces")
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    dim = arg(node, 1, "dim", 0) if name == "unbind" else arg(node, 2, "dim", 0)
-    dim %= len(shp)
-    if name == "unbind":
-        return tuple(TensorLabel(tuple(_index_axis(ctx, lx, dim, t, f"unbind {node.name}"))) for t in range(len(out)))
+    dim = arg(node, 2, "dim", 0) % len(shp)
     sizes = [v.shape[dim] for v in out]
     a = lx[dim]
     pieces: list[AxisLabel]
@@ -253,14 +257,14 @@ def split(ctx: InferContext, node: fx.Node):
         pieces = [None] * len(sizes)
     elif is_layout(a) and not is_head(ctx, a):
         cuts = [sum(sizes[:k + 1]) for k in range(len(sizes))]
-        refined = ctx.table.refine(a, cuts)
+        refined = ctx.refine(a, cuts)
         if refined is None:
-            ctx.table.fix_label(a, f"split {node.name} cannot be aligned")
+            ctx.fix(a, f"split {node.name} cannot be aligned")
             pieces = [None] * len(sizes)
         else:
             pieces = [None if isinstance(p, Fixed) else p for p in refined]
     else:
-        ctx.table.fix_label(a, f"split {node.name} of a structured axis")
+        ctx.fix(a, f"split {node.name} of a structured axis")
         pieces = [None] * len(sizes)
     return tuple(lx.replace(dim, p) for p in pieces)
 
@@ -268,19 +272,19 @@ def split(ctx: InferContext, node: fx.Node):
 def _slice_label(ctx: InferContext, a: AxisLabel, n: int, sl: slice, why: str) -> AxisLabel:
     start, stop, step = sl.start, sl.stop, sl.step
     if not all(v is None or isinstance(v, int) for v in (start, stop, step)):
-        ctx.table.fix_label(a, why)
+        ctx.fix(a, why)
         return None
     start, stop, step = slice(start, stop, step).indices(n)
     if (start, stop, step) == (0, n, 1) or a is None:
         return a
     if step != 1 or not is_layout(a) or is_head(ctx, a):
-        ctx.table.fix_label(a, why)
+        ctx.fix(a, why)
         return None
     stop = max(stop, start)
     cuts = [c for c in (start, stop, n) if c > 0]
-    refined = ctx.table.refine(a, cuts)
+    refined = ctx.refine(a, cuts)
     if refined is None:
-        ctx.table.fix_label(a, why)
+        ctx.fix(a, why)
         return None
     piece = refined[cuts.index(stop)] if stop > 0 else None
     return None if piece is None or isinstance(piece, Fixed) else piece
@@ -328,11 +332,11 @@ def getitem(ctx: InferContext, node: fx.Node):
                 cur = _substitute_part(ctx, TensorLabel(tuple(cur)), a, it % shp[axis])
                 res = [_sub_one(ctx, r, a, it % shp[axis]) for r in res]
             elif a is not None:
-                ctx.table.fix_label(a, why)
+                ctx.fix(a, why)
         elif isinstance(it, slice):
             res.append(_slice_label(ctx, a, shp[axis], it, why))
         else:  # one advanced index: its own axes replace the indexed one
-            ctx.table.fix_label(a, why)
+            ctx.fix(a, why)
             if isinstance(it, fx.Node):
                 res.extend(ctx.tlabel(it).axes)
             else:
@@ -344,9 +348,8 @@ def getitem(ctx: InferContext, node: fx.Node):
 
 
 def _sub_one(ctx: InferContext, a: AxisLabel, parts: Parts, t: int) -> AxisLabel:
-    T = ctx.table
-    if isinstance(a, Within) and T.find(a.space) == T.find(parts.spaces[0]):
-        return Within(T.find(parts.spaces[t]))
+    if isinstance(a, Within) and ctx.find(a.space) == ctx.find(parts.spaces[0]):
+        return Within(ctx.find(parts.spaces[t]))
     return a
 
 
@@ -357,6 +360,9 @@ def getattr_rule(ctx: InferContext, node: fx.Node):
         return TensorLabel(tuple(reversed(lx.axes))) if name == "T" else TensorLabel(lx.axes[:-2] + (lx[-1], lx[-2]))
     if isinstance(out_value(node), TensorValue):
         return fallback(ctx, node, f"attribute {name!r} of a tensor")
+    if ctx.is_tensor(src):  # shape, dtype, device, ...: metadata does not see permutations
+        for a in ctx.tlabel(src).axes:
+            ctx.invariant(a)
     return None
 
 
@@ -368,7 +374,7 @@ def pad(ctx: InferContext, node: fx.Node):
     for k in range(len(p) // 2):
         ax = len(res) - 1 - k
         if p[2 * k] or p[2 * k + 1]:
-            ctx.table.fix_label(res[ax], "padding a permuted axis")
+            ctx.fix(res[ax], "padding a permuted axis")
             res[ax] = None
     return TensorLabel(tuple(res))
 
@@ -384,6 +390,6 @@ def spatial(k: Optional[int]):
         n = len(lx) - 2 if k is None else k
         lead = len(lx) - n
         for a in lx.axes[lead:]:
-            ctx.table.fix_label(a, f"pooled/resized axis at {node.name}")
+            ctx.fix(a, f"pooled/resized axis at {node.name}")
         return TensorLabel(tuple(lx.axes[:lead]) + (None,) * n)
     return rule

@@ -8,9 +8,8 @@ import torch.fx as fx
 
 from ..ir.layout import Plain
 from ..ir.trace import value_of
-from .infer import InferContext, TensorLabel
-from .unify import AxisLabel, Within
-from .rules_common import arg, broadcast, fallback, out_value
+from .context import AxisLabel, InferContext, TensorLabel, Within
+from .common import arg, broadcast, fallback, out_value
 
 
 # ---------------------------------------------------------------------------------------
@@ -18,9 +17,9 @@ from .rules_common import arg, broadcast, fallback, out_value
 # ---------------------------------------------------------------------------------------
 def _head_pos(ctx: InferContext, lab: TensorLabel, s: int) -> Optional[int]:
     """Position (counted from the right) of the head axis of blocked space ``s`` in ``lab``."""
-    h = ctx.table.head_of(s)
+    h = ctx.head_of(s)
     for k, a in enumerate(lab.axes):
-        if isinstance(a, Plain) and h is not None and ctx.table.find(a.space) == h:
+        if isinstance(a, Plain) and h is not None and ctx.find(a.space) == h:
             return len(lab) - k
     return None
 
@@ -52,13 +51,13 @@ def matmul_labels(ctx: InferContext, la: TensorLabel, sa: tuple, lb: TensorLabel
         if pa is None or pb is None or pa != pb or pa <= 2:
             for c in (ca, cb):
                 if isinstance(c, Within):
-                    ctx.table.identity_within(c.space)
+                    ctx.identity_within(c.space)
     ctx.unify(ca, cb, why)
     batch_shape = _broadcast_shapes(sa[:-2], sb[:-2])
     batch = broadcast(ctx, [TensorLabel(la.axes[:-2]), TensorLabel(lb.axes[:-2])],
                       [tuple(sa[:-2]), tuple(sb[:-2])], batch_shape, why)
-    la, lb = TensorLabel(tuple(ctx.table.resolve_label(a) for a in la.axes)), \
-        TensorLabel(tuple(ctx.table.resolve_label(a) for a in lb.axes))
+    la, lb = TensorLabel(tuple(ctx.resolve(a) for a in la.axes)), \
+        TensorLabel(tuple(ctx.resolve(a) for a in lb.axes))
     axes = list(batch.axes) + ([la[-2]] if da > 1 else []) + ([lb[-1]] if db > 1 else [])
     return TensorLabel(tuple(axes))
 
@@ -149,21 +148,24 @@ def einsum(ctx: InferContext, node: fx.Node):
     # a per-head contraction needs the same head letter in every operand that holds it
     for t, lab in zip(specs, labs):
         for c, a in zip(t, lab.axes):
-            a = ctx.table.resolve_label(a)
+            a = ctx.resolve(a)
             if isinstance(a, Within):
-                h = ctx.table.head_of(a.space)
+                h = ctx.head_of(a.space)
                 heads = set()
                 for t2, lab2 in zip(specs, labs):
                     if c in t2:
-                        hl = [c2 for c2, a2 in zip(t2, lab2.axes) if isinstance(ctx.table.resolve_label(a2), Plain)
-                              and h is not None and ctx.table.find(ctx.table.resolve_label(a2).space) == h]
+                        hl = [c2 for c2, a2 in zip(t2, lab2.axes) if isinstance(ctx.resolve(a2), Plain)
+                              and h is not None and ctx.find(ctx.resolve(a2).space) == h]
                         heads.add(hl[0] if hl else None)
                 if len(heads) != 1 or None in heads:
-                    ctx.table.identity_within(a.space)
+                    ctx.identity_within(a.space)
+    for c, a in merged.items():
+        if c not in rhs:  # summed out: invariant (a contraction between operands was unified above)
+            ctx.invariant(a)
     for t, o in zip(specs, ops):
         use = ctx.use_of(o)
         if use is not None:
             for k, c in enumerate(t):
                 if c not in rhs:
                     use.mark_in(k)
-    return TensorLabel(tuple(ctx.table.resolve_label(merged.get(c)) for c in rhs))
+    return TensorLabel(tuple(ctx.resolve(merged.get(c)) for c in rhs))

@@ -4,13 +4,11 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
 from ..ir.trace import TensorValue
-from .infer import InferContext, TensorLabel, fixed_label
-from .unify import Parts
-from .rules_common import (
+from .context import InferContext, Parts, TensorLabel, fixed_label, op_name
+from .common import (
     UNSET, arg, broadcast, fallback, fixed_of, norm_dims, out_value, tensor_args)
 
 
@@ -48,28 +46,32 @@ def constant(ctx: InferContext, node: fx.Node):
 def last_two_fixed(ctx: InferContext, node: fx.Node):
     lx = ctx.tlabel(node.args[0])
     for a in lx.axes[-2:]:
-        ctx.table.fix_label(a, f"triangular mask {node.name}")
+        ctx.fix(a, f"triangular mask {node.name}")
     return TensorLabel(lx.axes[:-2] + (None, None))
 
 
 def non_tensor(ctx: InferContext, node: fx.Node):
+    """Ops that read metadata only (size, dim, numel, asserts): invariant on every axis."""
     if isinstance(out_value(node), TensorValue):
         return fallback(ctx, node, "unexpected tensor result")
+    for t in tensor_args(node):
+        for a in ctx.tlabel(t).axes:
+            ctx.invariant(a)
     return None
 
 
 # ---------------------------------------------------------------------------------------
 # reductions and ops along one axis
 # ---------------------------------------------------------------------------------------
-_NORM_LIKE = {"norm", torch.norm, torch.linalg.vector_norm}
-
-
-def _reduced_dims(node: fx.Node, ndim: int) -> Optional[list[int]]:
-    pos = 2 if node.target in _NORM_LIKE else 1
-    d = node.kwargs.get("dim", node.kwargs.get("axis", UNSET))
+def _dims_arg(node: fx.Node, pos: int, keys: tuple[str, ...], ndim: int, default=None) -> Optional[list[int]]:
+    d = UNSET
+    for k in keys:
+        if k in node.kwargs:
+            d = node.kwargs[k]
+            break
     if d is UNSET:
         d = node.args[pos] if len(node.args) > pos and isinstance(node.args[pos], (int, tuple, list)) \
-            and not isinstance(node.args[pos], bool) else None
+            and not isinstance(node.args[pos], bool) else default
     return norm_dims(d, ndim)
 
 
@@ -78,7 +80,9 @@ def _reduce_label(ctx: InferContext, lx: TensorLabel, dims: list[int], keep: boo
     for i, a in enumerate(lx.axes):
         if i in dims:
             if isinstance(a, Parts):
-                ctx.table.fix_label(a, "reduction over fused parts")
+                ctx.fix(a, "reduction over fused parts")
+            else:
+                ctx.invariant(a)
             if keep:
                 out.append(None)
         else:
@@ -86,18 +90,20 @@ def _reduce_label(ctx: InferContext, lx: TensorLabel, dims: list[int], keep: boo
     return TensorLabel(tuple(out))
 
 
-def reduction(ctx: InferContext, node: fx.Node):
-    """Rule 6: reductions over a permuted axis are invariant; the axis disappears."""
-    x = node.args[0]
-    lx, shp = ctx.tlabel(x), ctx.shape(x)
-    out = out_value(node)
-    if not isinstance(out, TensorValue):
-        return fallback(ctx, node, "reduction with a non-tensor result")
-    dims = _reduced_dims(node, len(shp))
-    if dims is None:
-        dims = list(range(len(shp)))
-    keep = out.ndim == len(shp)
-    return _reduce_label(ctx, lx, dims, keep)
+def reduction(dim_pos: int = 1):
+    """Rule 6: reductions over a permuted axis are invariant; the axis disappears.
+    ``dim_pos``: position of the dim argument (``torch.norm(x, p, dim)``: 2)."""
+    def rule(ctx: InferContext, node: fx.Node):
+        x = node.args[0]
+        lx, shp = ctx.tlabel(x), ctx.shape(x)
+        out = out_value(node)
+        if not isinstance(out, TensorValue):
+            return fallback(ctx, node, "reduction with a non-tensor result")
+        dims = _dims_arg(node, dim_pos, ("dim", "axis"), len(shp))
+        if dims is None:
+            dims = list(range(len(shp)))
+        return _reduce_label(ctx, lx, dims, out.ndim == len(shp))
+    return rule
 
 
 def max_min(ctx: InferContext, node: fx.Node):
@@ -107,7 +113,7 @@ def max_min(ctx: InferContext, node: fx.Node):
     lx, shp = ctx.tlabel(x), ctx.shape(x)
     out = out_value(node)
     if isinstance(out, TensorValue) and out.ndim == 0:
-        return TensorLabel(())
+        return _reduce_label(ctx, lx, list(range(len(shp))), False)
     if not isinstance(out, tuple):
         return fallback(ctx, node, "max/min with an unexpected result")
     dims = norm_dims(arg(node, 1, "dim"), len(shp))
@@ -116,45 +122,36 @@ def max_min(ctx: InferContext, node: fx.Node):
                        for u in node.users)
     if indices_used:  # argmax used as an index: the reduced axis must not move
         for d in dims:
-            ctx.table.fix_label(lx[d], f"indices of {node.name} are used")
+            ctx.fix(lx[d], f"indices of {node.name} are used")
     lab = _reduce_label(ctx, lx, dims, keep)
     return (lab, lab)
 
 
-_ALONG = {  # op -> (positional index of the dim argument, default; None = every axis)
-    "cumsum": (1, None), "cumprod": (1, None), "cummax": (1, None), "cummin": (1, None), "flip": (1, None),
-    "sort": (1, -1), "argsort": (1, -1), "topk": (2, -1), "kthvalue": (2, -1), "gather": (1, None),
-    "index_select": (1, None), "take_along_dim": (2, None), "roll": (2, None), "argmax": (1, None),
-    "argmin": (1, None), "median": (1, None), "mode": (1, -1), "scatter": (1, None),
-    "scatter_add": (1, None), "index_add": (1, None), "index_fill": (1, None),
-}
+def along_dim(dim_pos: int, default: Optional[int] = None, dim_key: str = "dim"):
+    """Rule 6: cumsum, sort, flip, gather, roll, argmax ... along a permuted axis pin it.
+    ``dim_pos`` / ``dim_key``: where the dim argument is; ``default`` None = every axis."""
+    def rule(ctx: InferContext, node: fx.Node):
+        x = node.args[0]
+        lx, shp = ctx.tlabel(x), ctx.shape(x)
+        dims = _dims_arg(node, dim_pos, (dim_key,), len(shp), default)
+        dims = list(range(len(shp))) if dims is None else dims
+        for d in dims:
+            ctx.fix(lx[d], f"{op_name(node)} along a permuted axis ({node.name})")
+        for t in tensor_args(node)[1:]:
+            ctx.fix(ctx.label(t), f"index/source tensor of {node.name}")
+        lx = ctx.tlabel(x)
+        out = out_value(node)
 
+        def shaped(v: TensorValue) -> TensorLabel:
+            if v.ndim == len(shp):
+                return TensorLabel(tuple(None if i in dims else a for i, a in enumerate(lx.axes)))
+            if v.ndim == len(shp) - len(dims):
+                return TensorLabel(tuple(a for i, a in enumerate(lx.axes) if i not in dims))
+            return fixed_label(v.ndim)
 
-def along_dim(ctx: InferContext, node: fx.Node):
-    """Rule 6: cumsum, sort, flip, gather, roll, argmax ... along a permuted axis pin it."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    pos, default = _ALONG[name]
-    x = node.args[0]
-    lx, shp = ctx.tlabel(x), ctx.shape(x)
-    key = "dims" if name in ("flip", "roll") else "dim"
-    dims = norm_dims(arg(node, pos, key, default), len(shp))
-    dims = list(range(len(shp))) if dims is None else dims
-    for d in dims:
-        ctx.table.fix_label(lx[d], f"{name} along a permuted axis ({node.name})")
-    for t in tensor_args(node)[1:]:
-        ctx.fix(ctx.label(t), f"index/source tensor of {node.name}")
-    lx = ctx.tlabel(x)
-    out = out_value(node)
-
-    def shaped(v: TensorValue) -> TensorLabel:
-        if v.ndim == len(shp):
-            return TensorLabel(tuple(None if i in dims else a for i, a in enumerate(lx.axes)))
-        if v.ndim == len(shp) - len(dims):
-            return TensorLabel(tuple(a for i, a in enumerate(lx.axes) if i not in dims))
-        return fixed_label(v.ndim)
-
-    if isinstance(out, TensorValue):
-        return shaped(out)
-    if isinstance(out, tuple):
-        return tuple(shaped(v) if isinstance(v, TensorValue) else None for v in out)
-    return None
+        if isinstance(out, TensorValue):
+            return shaped(out)
+        if isinstance(out, tuple):
+            return tuple(shaped(v) if isinstance(v, TensorValue) else None for v in out)
+        return None
+    return rule

@@ -10,45 +10,49 @@ import torch.fx as fx
 
 from ..ir.layout import Concat, Plain, kron
 from ..ir.trace import TensorValue, value_of
-from .infer import InferContext, ParamUse, TensorLabel, fixed_label
-from .rules_common import arg, fallback, is_head, is_layout
-from .unify import AxisLabel
+from .context import AxisLabel, InferContext, ParamUse, TensorLabel, fixed_label
+from .common import arg, fallback, is_head, is_layout
 
 
 @dataclass
 class Operand:
-    """A weight-like argument: its label and, when it is a parameter, its use."""
+    """A weight-like argument: its label, its parameter use when it is a parameter (module
+    form, or a get_attr node), and for a weight computed from parameters in forward (weight
+    standardisation, a scaled or flipped kernel) the parameter uses it is computed from."""
     label: TensorLabel
     use: Optional[ParamUse]
+    sources: tuple[ParamUse, ...] = ()
 
     def unify(self, ctx: InferContext, axis: int, other: AxisLabel, why: str) -> AxisLabel:
-        self._govern(axis)
         return ctx.unify(self.label[axis], other, why)
 
     def take(self, ctx: InferContext, axis: int) -> AxisLabel:
         """The axis' label, passed on to the op's output."""
-        self._govern(axis)
-        return ctx.table.resolve_label(self.label[axis])
+        return ctx.resolve(self.label[axis])
 
-    def _govern(self, axis: int) -> None:
-        if self.use is not None and self.use.governed is not None:
-            self.use.governed.add(axis % len(self.label))
+    def mark_in(self, ctx: InferContext, axis: int) -> None:
+        """The axis consumes units: the parameter axis it comes from is unmerged with U."""
+        if self.use is not None:
+            self.use.mark_in(axis)
+        else:
+            ctx.mark_in_through(self.sources, self.label[axis], f"input axis {axis} of a computed weight")
 
 
 def _operand(ctx: InferContext, a: Any) -> Optional[Operand]:
     if not isinstance(a, fx.Node) or not ctx.is_tensor(a):
         return None
-    return Operand(ctx.tlabel(a), ctx.use_of(a))
+    use = ctx.use_of(a)
+    return Operand(ctx.tlabel(a), use, () if use is not None else ctx.weight_sources(a))
 
 
 def _param(ctx: InferContext, node: fx.Node, name: str) -> Optional[Operand]:
-    use = ctx.param(f"{node.target}.{name}", governed_by_rule=True)
+    use = ctx.param(f"{node.target}.{name}")
     return None if use is None else Operand(use.label, use)
 
 
-def _mark_in(op: Optional[Operand], axis: int) -> None:
-    if op is not None and op.use is not None:
-        op.use.mark_in(axis)
+def _mark_in(ctx: InferContext, op: Optional[Operand], axis: int) -> None:
+    if op is not None:
+        op.mark_in(ctx, axis)
 
 
 # ---------------------------------------------------------------------------------------
@@ -58,7 +62,7 @@ def _linear(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optiona
     lx = ctx.tlabel(x)
     why = f"linear {node.name}"
     inp = w.unify(ctx, 1, lx[-1], why)
-    _mark_in(w, 1)
+    _mark_in(ctx, w, 1)
     ctx.tap(x, len(lx) - 1, inp)
     out = w.take(ctx, 0)
     if b is not None:
@@ -88,7 +92,7 @@ def _conv_output(ctx: InferContext, node: fx.Node, x: fx.Node, ch: int, out: Axi
     ctx.tap(node, ch, out, out=True)
     lx = ctx.tlabel(x)
     for a in lx.axes[ch + 1:]:
-        ctx.table.fix_label(a, f"spatial axis of {node.name}")
+        ctx.fix(a, f"spatial axis of {node.name}")
     return TensorLabel(tuple(ctx.tlabel(x).axes[:ch]) + (out,) + (None,) * (len(lx) - ch - 1))
 
 
@@ -98,10 +102,9 @@ def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[
     cin = sx[ch]
     why = f"conv {node.name}"
     lin = lx[ch]
-    T = ctx.table
     if groups == 1:
         inp = w.unify(ctx, 1, lin, why)
-        _mark_in(w, 1)
+        _mark_in(ctx, w, 1)
         ctx.tap(x, ch, inp)
         out = w.take(ctx, 0)
     elif w.use is None:
@@ -112,28 +115,25 @@ def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[
         if wshape[1] == 1 and groups == cin:  # depthwise: out unit o reads input unit o // mult
             src = lin if is_layout(lin) and not is_head(ctx, lin) else None
             if src is None:
-                T.fix_label(lin, why)
+                ctx.fix(lin, why)
             out = w.unify(ctx, 0, None if src is None else kron(src, 1, cout // cin), why)
         else:  # grouped: one block permutation on input and output, free within groups
             out_space = w.take(ctx, 0)
-            lin_r = T.resolve_label(lin)
-            ok_out = isinstance(out_space, Plain) and T.set_blocks(out_space.space, groups, cout // groups)
+            lin_r = ctx.resolve(lin)
+            ok_out = isinstance(out_space, Plain) and ctx.set_blocks(out_space.space, groups, cout // groups)
             ok_in = isinstance(lin_r, Plain) and not is_head(ctx, lin_r) and \
-                T.set_blocks(lin_r.space, groups, cin // groups)
+                ctx.set_blocks(lin_r.space, groups, cin // groups)
             if not ok_out:
-                T.fix_label(out_space, why)
+                ctx.fix(out_space, why)
             if ok_in and ok_out:
-                T.tie(lin_r.space, out_space.space)
-                w.use.layouts[1] = lin_r
-                w.use.groups[1] = groups
-                w._govern(1)
-                w.use.mark_in(1)
+                ctx.tie(lin_r.space, out_space.space)
+                w.use.set_grouped_input(1, lin_r, groups)
                 ctx.tap(x, ch, lin_r)
             else:
-                T.fix_label(lin, why)
-                T.fix_label(w.label[1], why)
+                ctx.fix(lin, why)
+                ctx.fix(w.label[1], why)
                 if ok_out:
-                    T.fix_space(T.head_of(out_space.space), why)
+                    ctx.fix_space(ctx.head_of(out_space.space), why)
             out = w.take(ctx, 0)
     return _conv_output(ctx, node, x, ch, out, b, why)
 
@@ -164,12 +164,11 @@ def _conv_transpose(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b:
     """ConvTranspose stores [in, out/groups, k...]."""
     lx, sx = ctx.tlabel(x), ctx.shape(x)
     ch = 1 if len(sx) == len(w.label) else 0
-    T = ctx.table
     why = f"conv_transpose {node.name}"
     lin = lx[ch]
     if groups == 1:
         inp = w.unify(ctx, 0, lin, why)
-        _mark_in(w, 0)
+        _mark_in(ctx, w, 0)
         ctx.tap(x, ch, inp)
         out = w.take(ctx, 1)
     elif w.use is None:
@@ -177,23 +176,22 @@ def _conv_transpose(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b:
     else:
         cin, per = w.use.shape[0], w.use.shape[1]
         cout = per * groups
-        out_space = T.new(cout)
-        T.set_blocks(out_space, groups, per)
-        lin_r = T.resolve_label(lin)
-        if isinstance(lin_r, Plain) and not is_head(ctx, lin_r) and T.set_blocks(lin_r.space, groups, cin // groups):
-            T.tie(lin_r.space, out_space)
+        out_space = ctx.new_space(cout)
+        ctx.set_blocks(out_space, groups, per)
+        lin_r = ctx.resolve(lin)
+        if isinstance(lin_r, Plain) and not is_head(ctx, lin_r) and ctx.set_blocks(lin_r.space, groups, cin // groups):
+            ctx.tie(lin_r.space, out_space)
             w.unify(ctx, 0, lin_r, why)
             w.use.mark_in(0)
             ctx.tap(x, ch, lin_r)
         else:
-            T.fix_label(lin, why)
+            ctx.fix(lin, why)
             w.unify(ctx, 0, None, why)
-            T.fix_space(T.head_of(out_space), why)
-        T.fix_label(w.label[1], why)  # the short axis is re-expressed through the full output space
+            ctx.fix_space(ctx.head_of(out_space), why)
+        ctx.fix(w.label[1], why)  # the short axis is re-expressed through the full output space
         w.use.layouts[1] = Plain(out_space)
         w.use.groups[1] = groups
-        w._govern(1)
-        out = Plain(T.find(out_space))
+        out = Plain(ctx.find(out_space))
     return _conv_output(ctx, node, x, ch, out, b, why)
 
 
@@ -233,7 +231,7 @@ def _channel_norm(ctx: InferContext, node: fx.Node, x: fx.Node, params: list[Opt
     for p in params:
         if p is not None:
             cur = p.unify(ctx, 0, cur, f"norm {node.name}")
-    return ctx.tlabel(x).replace(ch, ctx.table.resolve_label(cur))
+    return ctx.tlabel(x).replace(ch, ctx.resolve(cur))
 
 
 def channel_norm_module(ctx: InferContext, node: fx.Node):
@@ -261,7 +259,7 @@ def _layer_norm(ctx: InferContext, node: fx.Node, x: fx.Node, k: int, params: li
         for p in params:
             if p is not None:
                 axes[ax] = p.unify(ctx, j, axes[ax], f"norm {node.name}")
-    return TensorLabel(tuple(ctx.table.resolve_label(a) for a in axes))
+    return TensorLabel(tuple(ctx.resolve(a) for a in axes))
 
 
 def layer_norm_module(ctx: InferContext, node: fx.Node):
@@ -270,29 +268,31 @@ def layer_norm_module(ctx: InferContext, node: fx.Node):
     return _layer_norm(ctx, node, node.args[0], k, [_param(ctx, node, "weight"), _param(ctx, node, "bias")])
 
 
-def layer_norm_function(ctx: InferContext, node: fx.Node):
-    shape = arg(node, 1, "normalized_shape")
-    k = 1 if isinstance(shape, int) else len(shape)
-    params = [_operand(ctx, arg(node, 2, "weight"))]
-    if node.target.__name__ == "layer_norm":
-        params.append(_operand(ctx, arg(node, 3, "bias")))
-    return _layer_norm(ctx, node, node.args[0], k, params)
+def layer_norm_function(has_bias: bool):
+    """F.layer_norm(x, shape, weight, bias) / F.rms_norm(x, shape, weight)."""
+    def rule(ctx: InferContext, node: fx.Node):
+        shape = arg(node, 1, "normalized_shape")
+        k = 1 if isinstance(shape, int) else len(shape)
+        params = [_operand(ctx, arg(node, 2, "weight"))]
+        if has_bias:
+            params.append(_operand(ctx, arg(node, 3, "bias")))
+        return _layer_norm(ctx, node, node.args[0], k, params)
+    return rule
 
 
 def _group_norm(ctx: InferContext, node: fx.Node, x: fx.Node, groups: int, params: list[Optional[Operand]]):
     """Rule 10: GroupNorm(G, C) makes the channel space blocks(G, C/G)."""
     lx, sx = ctx.tlabel(x), ctx.shape(x)
-    T = ctx.table
-    lin = T.resolve_label(lx[1])
+    lin = ctx.resolve(lx[1])
     why = f"group_norm {node.name}"
-    if not (isinstance(lin, Plain) and not is_head(ctx, lin) and T.set_blocks(lin.space, groups, sx[1] // groups)):
-        T.fix_label(lin, why)
+    if not (isinstance(lin, Plain) and not is_head(ctx, lin) and ctx.set_blocks(lin.space, groups, sx[1] // groups)):
+        ctx.fix(lin, why)
         lin = None
     cur = lin
     for p in params:
         if p is not None:
             cur = p.unify(ctx, 0, cur, why)
-    return ctx.tlabel(x).replace(1, T.resolve_label(cur))
+    return ctx.tlabel(x).replace(1, ctx.resolve(cur))
 
 
 def group_norm_module(ctx: InferContext, node: fx.Node):
@@ -314,11 +314,10 @@ def prelu_module(ctx: InferContext, node: fx.Node):
 # ---------------------------------------------------------------------------------------
 def _qkv_spaces(ctx: InferContext, embed: int, heads: int) -> tuple[int, int]:
     """A q/k space and a v space, blocks(heads, embed/heads), sharing the head permutation."""
-    T = ctx.table
-    qk, v = T.new(embed), T.new(embed)
-    T.set_blocks(qk, heads, embed // heads)
-    T.set_blocks(v, heads, embed // heads)
-    T.tie(qk, v)
+    qk, v = ctx.new_space(embed), ctx.new_space(embed)
+    ctx.set_blocks(qk, heads, embed // heads)
+    ctx.set_blocks(v, heads, embed // heads)
+    ctx.tie(qk, v)
     return qk, v
 
 
@@ -346,7 +345,7 @@ def multihead_attention(ctx: InferContext, node: fx.Node):
             w.unify(ctx, 0, Plain(sp), why)
             w.unify(ctx, 1, lab[-1], why)
             w.use.mark_in(1)
-            ctx.tap(src, len(lab) - 1, ctx.table.resolve_label(w.label[1]))
+            ctx.tap(src, len(lab) - 1, ctx.resolve(w.label[1]))
             projs.append((src, f"{t}.{name}", 0, sp))
     b = _param(ctx, node, "in_proj_bias")
     if b is not None:
@@ -361,7 +360,7 @@ def multihead_attention(ctx: InferContext, node: fx.Node):
         ctx.tap(src, len(ctx.tlabel(src)) - 1, Plain(sp), proj=(wname, bias_name, off, off + E, boff))
     for lab in (lk, lv):  # key/value tokens are contracted inside the module
         for a in lab.axes[:-1]:
-            ctx.table.fix_label(a, why)
+            ctx.fix(a, why)
     wo = _param(ctx, node, "out_proj.weight")
     wo.unify(ctx, 1, Plain(vs), why)
     wo.use.mark_in(1)
@@ -369,79 +368,13 @@ def multihead_attention(ctx: InferContext, node: fx.Node):
     bo = _param(ctx, node, "out_proj.bias")
     if bo is not None:
         out = bo.unify(ctx, 0, out, why)
-    ctx.producer(node, ctx.table.resolve(packed), 3 * E)
+    ctx.producer(node, ctx.resolve_layout(packed), 3 * E)
     ctx.producer(node, out, E)
     attn_out = TensorLabel(tuple(ctx.tlabel(q).axes[:-1]) + (out,))
     weights = value_of(node)[1]
     if isinstance(weights, TensorValue):
         wl = fixed_label(weights.ndim)
         if weights.ndim == 4:  # per-head weights [B, H, L, S]
-            wl = wl.replace(1, Plain(ctx.table.head_of(qk)))
+            wl = wl.replace(1, Plain(ctx.head_of(qk)))
         return (attn_out, wl)
     return (attn_out, None)
-
-
-# torchvision's Swin hides these helpers from fx with torch.fx.wrap -------------------------
-def swin_patch_merging_pad(ctx: InferContext, node: fx.Node):
-    """Pads H, W and concatenates the four 2x2 phases along channels: [..., H/2, W/2, 4C]."""
-    lx = ctx.tlabel(node.args[0])
-    for a in lx.axes[:-1]:
-        ctx.table.fix_label(a, f"padding {node.name}")
-    c = lx[-1]
-    if not (is_layout(c) and not is_head(ctx, c)):
-        ctx.table.fix_label(c, f"patch merging {node.name}")
-        c = None
-    return TensorLabel((None,) * (len(lx) - 1) + (None if c is None else Concat((c,) * 4),))
-
-
-def swin_relative_position_bias(ctx: InferContext, node: fx.Node):
-    table = ctx.tlabel(node.args[0])  # [(2W-1)^2, heads]
-    ctx.table.fix_label(table[0], f"position index of {node.name}")
-    ctx.fix(ctx.label(node.args[1]), f"position index of {node.name}")
-    return TensorLabel((None, ctx.table.resolve_label(table[1]), None, None))
-
-
-_SWIN_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
-              "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
-
-
-def swin_window_attention(ctx: InferContext, node: fx.Node):
-    a = {n: arg(node, i, n) for i, n in enumerate(_SWIN_ARGS)}
-    x = a["input"]
-    lx, sx = ctx.tlabel(x), ctx.shape(x)
-    E, H = sx[-1], a["num_heads"]
-    why = f"window attention {node.name}"
-    qk, vs = _qkv_spaces(ctx, E, H)
-    packed = Concat((Plain(qk), Plain(qk), Plain(vs)))
-    wqkv, wproj = _operand(ctx, a["qkv_weight"]), _operand(ctx, a["proj_weight"])
-    if wqkv is None or wproj is None or wqkv.use is None or wproj.use is None:
-        return fallback(ctx, node, "window attention with computed weights")
-    wqkv.unify(ctx, 0, packed, why)
-    x_in = wqkv.unify(ctx, 1, lx[-1], why)
-    wqkv.use.mark_in(1)
-    ctx.tap(x, len(lx) - 1, x_in)
-    bq = _operand(ctx, a["qkv_bias"])
-    if bq is not None:
-        bq.unify(ctx, 0, packed, why)
-    head = Plain(ctx.table.head_of(qk))
-    rpb = _operand(ctx, a["relative_position_bias"])
-    if rpb is not None:
-        for i, lab in enumerate(rpb.label.axes):
-            ctx.unify(lab, head, why) if i == 1 else ctx.table.fix_label(lab, why)
-    ls = _operand(ctx, a["logit_scale"])
-    if ls is not None:
-        ls.unify(ctx, 0, head, why)
-    bname = a["qkv_bias"].target if isinstance(a["qkv_bias"], fx.Node) and a["qkv_bias"].op == "get_attr" else None
-    for off, sp in ((0, qk), (E, qk), (2 * E, vs)):
-        ctx.tap(x, len(lx) - 1, Plain(sp), proj=(wqkv.use.fqn, bname, off, off + E, off))
-    wproj.unify(ctx, 1, Plain(vs), why)
-    wproj.use.mark_in(1)
-    out = wproj.take(ctx, 0)
-    bp = _operand(ctx, a["proj_bias"])
-    if bp is not None:
-        out = bp.unify(ctx, 0, out, why)
-    ctx.producer(node, ctx.table.resolve(packed), 3 * E)
-    ctx.producer(node, out, E)
-    for lab in lx.axes[:-1]:
-        ctx.table.fix_label(lab, why)
-    return TensorLabel((None,) * (len(sx) - 1) + (out,))

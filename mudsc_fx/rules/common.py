@@ -8,8 +8,7 @@ import torch.fx as fx
 
 from ..ir.layout import Plain
 from ..ir.trace import TensorValue, value_of
-from .infer import InferContext, TensorLabel, fixed_label
-from .unify import AxisLabel, Parts, Within
+from .context import AxisLabel, InferContext, Parts, TensorLabel, Within, fixed_label
 
 
 # ---------------------------------------------------------------------------------------
@@ -38,7 +37,7 @@ def is_layout(a: AxisLabel) -> bool:
 
 
 def is_head(ctx: InferContext, a: AxisLabel) -> bool:
-    return isinstance(a, Plain) and ctx.table.is_head[ctx.table.find(a.space)]
+    return isinstance(a, Plain) and ctx.is_head_space(a.space)
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
