@@ -12,10 +12,12 @@ from .passes.infer import infer
 from .passes.solve import Alignment, MatchConfig, solve
 from .passes.stats import Statistics, collect_stats
 from .passes.rewrite import rewrite
-from .merge import PRESETS, MergeResult, align_models, merge, method_config, reset_bn
+from .merge import PRESETS, Merger, MergeResult, align_models, merge, method_config, reset_bn
+from .rules import register_rule
+from . import rules
 from .taskvec import EMRModel, emr_merge, task_arithmetic, ties_merge
 
 __all__ = ["trace", "infer", "check", "collect_stats", "solve", "rewrite", "reset_bn", "merge", "align_models",
            "method_config", "apply_permutations", "random_permutations", "emr_merge", "task_arithmetic",
            "ties_merge", "EMRModel", "PermutationGraph", "Space", "Member", "Tap", "Barrier", "CheckReport",
-           "TraceError", "Statistics", "Alignment", "MatchConfig", "MergeResult", "PRESETS"]
+           "TraceError", "Statistics", "Alignment", "MatchConfig", "MergeResult", "Merger", "PRESETS", "register_rule", "rules"]

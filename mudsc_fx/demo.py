@@ -60,11 +60,14 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     score("ensemble (2 models)", list(models))
     stage_times = {}
     graph = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merger = mf.Merger(models, calib)
     for method in (methods or list(PRESETS)):
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = mf.merge(models, calib, method=method, seed=seed, return_result=True)
+            res = merger.merge(method, seed=seed)
         dt = time.perf_counter() - t
         graph = res.graph
         stage_times[method] = res.seconds

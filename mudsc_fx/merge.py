@@ -1,17 +1,33 @@
-"""The merge pipeline, top to bottom, and its presets (the rows of the MuDSC paper)."""
+"""The merge pipeline, top to bottom, its presets (the rows of the MuDSC paper) and the
+staged API.
+
+``Merger(models, data)`` validates the models, traces and infers the permutation graph once,
+proves it on the first calibration batch (failing spaces are frozen and named), and computes
+activation statistics once; ``Merger.merge(method, alpha)`` then solves, rewrites and resets
+BatchNorm for one method, as often as wanted. ``merge(...)`` is the one-call form.
+
+    validate -> infer -> verify -> collect_stats -> solve -> rewrite -> reset_bn
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import math
+import numbers
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Optional, Sequence
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .ir.graph import PermutationGraph
-from .ir.trace import as_input_tuple, eval_mode
+from .ir.trace import as_input_tuple, eval_mode, untouched
 from .passes.apply import apply_permutations, named_tensors
+from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer
 from .passes.rewrite import rewrite
 from .passes.solve import Alignment, MatchConfig, solve
@@ -28,40 +44,140 @@ PRESETS: dict[str, MatchConfig] = {
     "weight_zip": MatchConfig(match="zip", alpha=1.0, iterate=True),
     "mudsc_zip": MatchConfig(match="zip", alpha=0.5, iterate=True),
 }
+# per matching family: (activation-only row, dual-space row, weight-only row)
 _FAMILY = {"align": ("act_align", "mudsc_align", "rebasin"), "zip": ("zipit", "mudsc_zip", "weight_zip")}
+_ZIP_ONLY = ("zip_a", "zip_b")
 
 
-def method_config(method: str = "mudsc_zip", alpha: Optional[float] = None, match: Optional[str] = None,
+def _check_real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not lo <= float(value) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_option_names(method: str, cfg: MatchConfig, overrides: dict) -> None:
+    valid = {f.name for f in dataclasses.fields(MatchConfig)} - {"match", "alpha"}
+    for key in overrides:
+        if key not in valid:
+            raise ValueError(f"unknown merge option {key!r}; valid options: {', '.join(sorted(valid))}, "
+                             "leaf_modules, fixed_params, stats_budget_bytes, verify, progress")
+    if cfg.match != "zip":
+        for key in _ZIP_ONLY:
+            if key in overrides:
+                raise ValueError(f"{key} applies to the zip methods ({', '.join(_FAMILY['zip'])}), "
+                                 f"not to method {method!r}")
+    if cfg.match is None and overrides:
+        raise ValueError(f"method 'average' matches nothing: options {sorted(overrides)} mean nothing for it")
+
+
+def _check_match_options(cfg: MatchConfig) -> None:
+    _check_real("zip_a", cfg.zip_a, hi=1.0)
+    _check_real("zip_b", cfg.zip_b, 0.0, 1.0)
+    if cfg.weight_kind not in ("pearson", "inner"):
+        raise ValueError(f"weight_kind must be 'pearson' (MuDSC) or 'inner' (Git Re-Basin), got {cfg.weight_kind!r}")
+    _check_bool("weight_normalize", cfg.weight_normalize)
+    _check_bool("iterate", cfg.iterate)
+    _check_int("patience", cfg.patience, 1)
+    _check_int("max_sweeps", cfg.max_sweeps, 1)
+
+
+def method_config(method: Optional[str] = None, alpha: Optional[float] = None, match: Optional[str] = None,
                   **overrides: Any) -> MatchConfig:
     """Resolve a preset name (or ``match=`` "align"/"zip") and ``alpha`` to a MatchConfig.
-    alpha = 0 is the activation-only row, alpha = 1 the weight-only row of the family."""
+
+    ``alpha`` weighs the weight similarity. The dual-space rows (mudsc_align, mudsc_zip) take
+    any alpha in [0, 1]; 0 and 1 are the family's single-space rows. The single-space rows
+    (act_align, zipit: alpha 0; rebasin, weight_zip: alpha 1) and average accept no other
+    alpha: such a combination means nothing and is an error.
+
+    >>> method_config("mudsc_zip", 0.3).alpha
+    0.3
+    """
     if match is not None:
         if match not in _FAMILY:
             raise ValueError(f"unknown match {match!r}; choose 'align' or 'zip'")
-        method = _FAMILY[match][1]
-    if method not in PRESETS:
+        if method is None:
+            method = _FAMILY[match][1]
+        elif method not in _FAMILY[match]:
+            raise ValueError(f"match={match!r} contradicts method={method!r} (a "
+                             f"{PRESETS[method].match if method in PRESETS else 'unknown'} method); "
+                             f"{match} methods are {', '.join(_FAMILY[match])}")
+    method = "mudsc_zip" if method is None else method
+    if not isinstance(method, str) or method not in PRESETS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(PRESETS)}")
-    if alpha is not None and method != "average":
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        fam = _FAMILY[PRESETS[method].match]
-        method = fam[0] if alpha == 0.0 else fam[2] if alpha == 1.0 else fam[1]
-        cfg = PRESETS[method] if alpha in (0.0, 1.0) else replace(PRESETS[method], alpha=alpha)
-    else:
-        cfg = PRESETS[method]
-    return replace(cfg, **overrides) if overrides else cfg
+    cfg = PRESETS[method]
+    if alpha is not None:
+        alpha = _check_real("alpha", alpha, 0.0, 1.0)
+        if cfg.match is None:
+            raise ValueError("method 'average' does not use alpha (it matches nothing)")
+        fam = _FAMILY[cfg.match]
+        if method != fam[1]:
+            if alpha != cfg.alpha:
+                raise ValueError(f"method {method!r} is the {'activation' if cfg.alpha == 0 else 'weight'}-only row "
+                                 f"(alpha={cfg.alpha:g}); for alpha={alpha:g} use method {fam[1]!r}")
+        elif alpha in (0.0, 1.0):
+            cfg = PRESETS[fam[0] if alpha == 0.0 else fam[2]]
+        else:
+            cfg = replace(cfg, alpha=alpha)
+    _check_option_names(method, cfg, overrides)
+    cfg = replace(cfg, **overrides) if overrides else cfg
+    _check_match_options(cfg)
+    return cfg
 
 
 @dataclass(frozen=True)
 class MergeResult:
+    """One merge: the merged module and everything that produced it.
+
+    ``graph`` is the verified permutation graph (spaces that failed the proof frozen, see
+    ``frozen_spaces``); ``alpha_scores`` maps each alpha tried by an alpha search to its score."""
     model: nn.Module
     graph: PermutationGraph
     alignment: Alignment
     stats: Optional[Statistics]
     seconds: dict[str, float]
     config: MatchConfig
+    method: str = ""
+    alpha: Optional[float] = None
+    verification: Optional[Verification] = None
+    alpha_scores: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of hidden units that could move (frozen and fixed spaces excluded)."""
+        return self.graph.coverage()
+
+    @property
+    def frozen_spaces(self) -> tuple[int, ...]:
+        return () if self.verification is None else self.verification.failing_spaces
+
+    def summary(self) -> str:
+        g = self.graph
+        lines = [f"merged {self.alignment.n_models} models with {self.method}"
+                 + ("" if self.alpha is None else f" (alpha {self.alpha:g})"),
+                 f"coverage {self.coverage:.3f}: {len(g.free_spaces)} of {len(g.spaces)} spaces free, "
+                 f"{len(g.barriers)} barriers, {len(self.frozen_spaces)} spaces frozen by verification"]
+        if self.frozen_spaces:
+            lines.append("frozen (failed the equivalence check): " + ", ".join(
+                f"S{s} ({', '.join(m.fqn for m in g.spaces[s].members[:3]) or 'no members'})" for s in self.frozen_spaces))
+        return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ validation
 def validate_models(models: Sequence[nn.Module], min_models: int = 2) -> None:
     """Clear errors for inputs that cannot be merged (named model, parameter or problem)."""
     if not isinstance(models, (list, tuple)):
@@ -71,8 +187,6 @@ def validate_models(models: Sequence[nn.Module], min_models: int = 2) -> None:
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
-        if type(m) is not type(models[0]):
-            raise ValueError(f"model {i} is a {type(m).__name__} but model 0 is a {type(models[0]).__name__}")
     ref = named_tensors(models[0])
     ref_t = next((t for t in ref.values() if t.is_floating_point()), None)
     for i, m in enumerate(models):
@@ -87,6 +201,9 @@ def validate_models(models: Sequence[nn.Module], min_models: int = 2) -> None:
             if name not in ref:
                 raise ValueError(f"model {i} has parameter/buffer {name!r} that model 0 does not have")
         for name, t in own.items():
+            if t.is_meta:
+                raise ValueError(f"model {i} parameter {name!r} is on the meta device (no data): "
+                                 "materialise the model (load its weights) before merging")
             if not t.is_floating_point():
                 continue
             if ref_t is not None and (t.device != ref_t.device or t.dtype != ref_t.dtype):
@@ -94,22 +211,138 @@ def validate_models(models: Sequence[nn.Module], min_models: int = 2) -> None:
                                  f"is {ref_t.dtype} on {ref_t.device}: move all models to one device and dtype")
             if not torch.isfinite(t).all():
                 raise ValueError(f"model {i} parameter {name!r} contains NaN or inf")
+    compare_structures(models)
 
 
-def _reiterable(data: Optional[Iterable]) -> Optional[Iterable]:
-    if data is None:
+def _module_tree(model: nn.Module) -> list[tuple[str, str, str]]:
+    return [(name, type(m).__name__, m.extra_repr()) for name, m in model.named_modules()]
+
+
+def _graph_signature(model: nn.Module) -> Optional[list[tuple[str, ...]]]:
+    tracer = fx.Tracer()
+    try:
+        with untouched(model):
+            graph = tracer.trace(model)
+    except Exception:  # fx cannot trace it: the module trees are compared alone
         return None
-    if iter(data) is data:  # a generator: keep its batches so that several passes see them
-        return list(data)
-    return data
+    constants = {name: t for t, name in tracer.tensor_attrs.items()} if hasattr(tracer, "tensor_attrs") else {}
+    index = {n: k for k, n in enumerate(graph.nodes)}
+
+    def norm(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: f"%{index[n]}")
+
+    def target(n: fx.Node) -> str:
+        if n.op == "get_attr" and n.target in constants:  # a tensor constant: compare its value
+            t = constants[n.target]
+            return f"constant {t.dtype} {tuple(t.shape)} {hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}"
+        if isinstance(n.target, str):
+            return n.target
+        return f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', repr(n.target))}"
+
+    return [(n.op, target(n), repr(norm(n.args)), repr(norm(n.kwargs)), n.format_node()) for n in graph.nodes]
 
 
-def _first_input(data: Iterable, input_fn: Callable) -> tuple:
-    for batch in data:
-        return as_input_tuple(input_fn(batch))
-    raise ValueError("the calibration data is empty")
+def compare_structures(models: Sequence[nn.Module]) -> None:
+    """Models must be one function family: the same module tree (types and settings) and,
+    when torch.fx traces them, the same graph. Class identity is not required (every fx
+    GraphModule has its own class)."""
+    tree0 = _module_tree(models[0])
+    for i, m in enumerate(models[1:], 1):
+        tree = _module_tree(m)
+        for a, b in zip(tree0, tree):
+            if a != b:
+                raise ValueError(f"model {i} differs from model 0 at module {b[0] or '(root)'!r}: "
+                                 f"{b[1]}({b[2]}) where model 0 has {a[1]}({a[2]}); merging needs one architecture")
+        if len(tree) != len(tree0):
+            raise ValueError(f"model {i} has {len(tree)} modules, model 0 has {len(tree0)}")
+    sig0 = _graph_signature(models[0])
+    if sig0 is None:
+        return
+    for i, m in enumerate(models[1:], 1):
+        sig = _graph_signature(m)
+        if sig is None:
+            raise ValueError(f"torch.fx traces model 0 but not model {i}: they are not one architecture")
+        for k, (a, b) in enumerate(zip(sig0, sig)):
+            if a[:4] != b[:4]:
+                raise ValueError(f"model {i} computes a different graph from model 0: node {k} is "
+                                 f"`{b[4]}` where model 0 has `{a[4]}`")
+        if len(sig) != len(sig0):
+            raise ValueError(f"model {i}'s graph has {len(sig)} nodes, model 0's has {len(sig0)}")
 
 
+def _input_signature(inputs: tuple) -> list[Any]:
+    return [(x.dim(), tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+            for x in inputs]
+
+
+def _describe(sig: Any) -> str:
+    if isinstance(sig, tuple):
+        return f"a {sig[0]}-d {str(sig[2]).replace('torch.', '')} tensor of shape [batch, {', '.join(map(str, sig[1]))}]"
+    return f"a {sig}"
+
+
+class CheckedBatches:
+    """Calibration data that can be read several times, each batch's inputs checked against the
+    first batch's (rank, shape except the batch axis, dtype): a wrong batch gets a clear error
+    naming it, never a raw error from inside torch."""
+
+    def __init__(self, data: Iterable, input_fn: Callable):
+        if isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable):
+            raise TypeError("data must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
+                            f"got {type(data).__name__}")
+        self.data = list(data) if iter(data) is data else data  # keep a generator's batches
+        self.input_fn = input_fn
+        self.first: Optional[tuple] = None
+        for batch in self.data:
+            self.first = as_input_tuple(input_fn(batch))
+            break
+        if self.first is None:
+            raise ValueError("the calibration data is empty")
+        self.signature = _input_signature(self.first)
+
+    def __iter__(self) -> Iterator:
+        for k, batch in enumerate(self.data):
+            sig = _input_signature(as_input_tuple(self.input_fn(batch)))
+            if sig != self.signature:
+                bad = next(j for j in range(max(len(sig), len(self.signature)))
+                           if j >= len(sig) or j >= len(self.signature) or sig[j] != self.signature[j])
+                got = _describe(sig[bad]) if bad < len(sig) else "nothing"
+                want = _describe(self.signature[bad]) if bad < len(self.signature) else "nothing"
+                raise ValueError(f"calibration batch {k}: input {bad} is {got}, but the first batch's is {want}; "
+                                 "every batch must match the first (except the batch size)")
+            yield batch
+
+
+def _small_example(inputs: tuple, n: int = 4) -> tuple:
+    """The first n samples of a batch (when every tensor input shares its leading size)."""
+    sizes = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if len(sizes) != 1 or sizes.pop() <= n:
+        return inputs
+    return tuple(x[:n] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+
+
+def _check_leaf_modules(leaf_modules: Any) -> tuple[type, ...]:
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable):
+        leaf_modules = (leaf_modules,)
+    out = tuple(leaf_modules)
+    for m in out:
+        if not (isinstance(m, type) and issubclass(m, nn.Module)):
+            raise ValueError(f"leaf_modules must be nn.Module subclasses (classes, not names or instances), "
+                             f"got {m!r}")
+    return out
+
+
+def _check_fixed_params(fixed_params: Any) -> tuple[str, ...]:
+    if isinstance(fixed_params, str):
+        fixed_params = (fixed_params,)
+    out = tuple(fixed_params)
+    for p in out:
+        if not isinstance(p, str):
+            raise ValueError(f"fixed_params must be parameter names (str), got {p!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------ BatchNorm
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -120,39 +353,154 @@ def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = No
 
     >>> # merged = mf.reset_bn(merged, loader)
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
     input_fn = input_fn or default_input_fn
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
+    saved = [(m, m.momentum) for _, m in bns]
+    for _, m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
     n = 0
-    with torch.no_grad():
-        for batch in data:
-            model(*as_input_tuple(input_fn(batch)))
-            n += 1
-    for m, mom in saved:
-        m.momentum = mom
-    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in data:
+                try:
+                    model(*as_input_tuple(input_fn(batch)))
+                except ValueError as e:
+                    if "more than 1 value per channel" in str(e):
+                        raise ValueError(f"reset_bn: calibration batch {n} gives BatchNorm one value per channel "
+                                         "(a batch of one sample?): use batches of at least 2 samples, or "
+                                         "reset_bn=False") from None
+                    raise
+                n += 1
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.eval()
     if n == 0:
         raise ValueError("reset_bn: the data is empty")
+    for name, m in bns:
+        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+            raise ValueError(f"reset_bn: the calibration data drives the statistics of BatchNorm {name!r} to "
+                             "inf/NaN (inputs far outside the model's range?); check the data or use reset_bn=False")
     return model
 
 
-def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: str = "mudsc_zip",
+# ------------------------------------------------------------------------------ the pipeline
+class Merger:
+    """Staged merging: the models are validated, traced, inferred and proven once; statistics
+    are collected once (on first use); each :meth:`merge` solves and rewrites for one method.
+
+    >>> import torch, mudsc_fx as mf
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)) for _ in range(2)]
+    >>> merger = mf.Merger(nets, [torch.randn(16, 4)])
+    >>> [merger.merge(m).model(torch.randn(1, 4)).shape for m in ("zipit", "act_align")]
+    [torch.Size([1, 2]), torch.Size([1, 2])]
+    """
+
+    def __init__(self, models: Sequence[nn.Module], data: Optional[Iterable] = None, *,
+                 example_inputs: Any = None, input_fn: Optional[Callable[[Any], Any]] = None,
+                 leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (), verify: bool = True,
+                 stats_budget_bytes: int = 2 << 30, progress: bool = False):
+        t = time.perf_counter()
+        self.leaf_modules = _check_leaf_modules(leaf_modules)
+        self.fixed_params = _check_fixed_params(fixed_params)
+        self.stats_budget_bytes = _check_int("stats_budget_bytes", stats_budget_bytes, 1)
+        self.progress = _check_bool("progress", progress)
+        _check_bool("verify", verify)
+        if input_fn is not None and not callable(input_fn):
+            raise ValueError(f"input_fn must be callable, got {input_fn!r}")
+        validate_models(models)
+        self.models = tuple(models)
+        self.input_fn = input_fn or default_input_fn
+        self.data = None if data is None else CheckedBatches(data, self.input_fn)
+        if self.data is not None:
+            example = self.data.first
+        elif example_inputs is not None:
+            example = as_input_tuple(example_inputs)
+        else:
+            raise ValueError("pass calibration data, or example_inputs= for a data-free merge (rebasin, weight_zip)")
+        self.seconds: dict[str, float] = {}
+        with eval_mode(*self.models):
+            graph = infer(self.models[0], example, leaf_modules=self.leaf_modules, fixed_params=self.fixed_params)
+            self.seconds["infer"] = time.perf_counter() - t
+            self.verification: Optional[Verification] = None
+            if verify:
+                self.verification = verify_graph(self.models[0], graph, _small_example(example))
+                self.seconds["verify"] = self.verification.seconds
+                graph = self.verification.graph
+                if self.verification.failing_spaces:
+                    warnings.warn(_frozen_message(graph, self.verification.failing_spaces), stacklevel=2)
+        self.graph = graph
+        self._tensors = [named_tensors(m) for m in self.models]
+        self._stats: Optional[Statistics] = None
+        log.info("merge: %d spaces (%d free), coverage %.3f, %d barriers", len(graph.spaces),
+                 len(graph.free_spaces), graph.coverage(), len(graph.barriers))
+
+    def statistics(self) -> Statistics:
+        """Activation statistics of every free space (one streaming pass, computed once)."""
+        if self._stats is None:
+            if self.data is None:
+                raise ValueError("this merge uses activations: pass calibration data")
+            t = time.perf_counter()
+            with eval_mode(*self.models):
+                self._stats = collect_stats(list(self.models), self.graph, self.data, input_fn=self.input_fn,
+                                            budget_bytes=self.stats_budget_bytes, progress=self.progress)
+            self.seconds["statistics"] = time.perf_counter() - t
+        return self._stats
+
+    def merge(self, method: Optional[str] = None, alpha: Optional[float] = None, *, reset_bn: bool = True,
+              seed: int = 0, match: Optional[str] = None, **options: Any) -> MergeResult:
+        """Merge with one method (a preset of PRESETS) and alpha; ``options``: MatchConfig fields."""
+        cfg = method_config(method, alpha, match, **options)
+        method = method or (_FAMILY[match][1] if match else "mudsc_zip")
+        seed = _check_int("seed", seed)
+        _check_bool("reset_bn", reset_bn)
+        seconds = dict(self.seconds)
+        stats = self.statistics() if cfg.uses_activations else None
+        seconds["statistics"] = self.seconds.get("statistics", 0.0) if stats is not None else 0.0
+        with eval_mode(*self.models):
+            t = time.perf_counter()
+            alignment = solve(self.graph, stats, self._tensors, cfg, seed)
+            seconds["solve"] = time.perf_counter() - t
+            t = time.perf_counter()
+            merged = rewrite(list(self.models), self.graph, alignment)
+            seconds["rewrite"] = time.perf_counter() - t
+        t = time.perf_counter()
+        merged.eval()
+        if reset_bn and self.data is not None and has_batchnorm(merged):
+            globals()["reset_bn"](merged, self.data, self.input_fn)
+        seconds["reset_bn"] = time.perf_counter() - t
+        log.info("merge %s: %s", method, ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
+        return MergeResult(merged, self.graph, alignment, stats, seconds, cfg, method,
+                           cfg.alpha if cfg.match is not None else None, self.verification)
+
+
+def _frozen_message(graph: PermutationGraph, spaces: tuple[int, ...]) -> str:
+    names = []
+    for s in spaces:
+        members = ", ".join(f"{m.fqn}[{m.axis}]" for m in graph.spaces[s].members[:3])
+        names.append(f"S{s} ({members or 'no members'})")
+    return ("mudsc_fx: the inferred permutation graph failed the equivalence check on "
+            f"{len(spaces)} space(s); they are frozen (not merged): {'; '.join(names)}. "
+            "This is a bug in a rule: please report it with the model.")
+
+
+def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: Optional[str] = None,
           alpha: Optional[float] = None, reset_bn: bool = True, seed: int = 0,
           input_fn: Optional[Callable[[Any], Any]] = None, *, match: Optional[str] = None,
-          example_inputs: Any = None, return_result: bool = False, **options: Any):
-    """Merge models of one architecture into one module of the same class, without training.
+          example_inputs: Any = None, **options: Any) -> nn.Module:
+    """Merge models of one architecture into one module of model 0's class, without training.
 
     ``data``: iterable of batches (a tensor, or a tuple whose first item is the input; use
-    ``input_fn`` for anything else). ``method``: one of PRESETS. ``alpha``: weight of the
-    weight similarity (0 = activations only, 1 = weights only). ``options``: MatchConfig
-    fields (``zip_a``, ``zip_b``, ``weight_normalize``, ...) and ``leaf_modules``,
-    ``fixed_params``, ``stats_budget_bytes``. The inputs are never modified.
+    ``input_fn`` for anything else). ``method``: one of PRESETS (default "mudsc_zip").
+    ``alpha``: weight of the weight similarity (0 = activations only, 1 = weights only).
+    ``options``: MatchConfig fields (``zip_a``, ``zip_b``, ``weight_normalize``, ...) and
+    ``leaf_modules``, ``fixed_params``, ``stats_budget_bytes``, ``verify``, ``progress``. The
+    graph is proven on the first batch before anything is merged. The inputs are never
+    modified. For the merge's report (coverage, frozen spaces, alignment) use :class:`Merger`.
 
     >>> import torch, mudsc_fx as mf
     >>> nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)) for _ in range(2)]
@@ -160,58 +508,29 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     >>> merged(torch.randn(1, 4)).shape
     torch.Size([1, 2])
     """
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    leaf_modules = options.pop("leaf_modules", ())
-    fixed_params = options.pop("fixed_params", ())
-    budget = options.pop("stats_budget_bytes", 2 << 30)
-    progress = options.pop("progress", False)
-    cfg = method_config(method, alpha, match, **options)
-    validate_models(models)
-    input_fn = input_fn or default_input_fn
-    data = _reiterable(data)
+    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress")
+              if k in options}
+    cfg = method_config(method, alpha, match, **options)  # option errors before any work
     if cfg.uses_activations and data is None:
-        raise ValueError(f"method {method!r} uses activations: pass calibration data")
-    if data is not None:
-        example = _first_input(data, input_fn)
-    elif example_inputs is not None:
-        example = as_input_tuple(example_inputs)
-    else:
-        raise ValueError("a data-free merge needs example_inputs= to trace the model")
-    with eval_mode(*models):
-        graph = infer(models[0], example, leaf_modules=leaf_modules, fixed_params=fixed_params)
-        seconds["infer"] = time.perf_counter() - t
-        t = time.perf_counter()
-        stats = collect_stats(models, graph, data, input_fn=input_fn, budget_bytes=budget, progress=progress) \
-            if cfg.uses_activations else None
-        seconds["statistics"] = time.perf_counter() - t
-        t = time.perf_counter()
-        alignment = solve(graph, stats, [named_tensors(m) for m in models], cfg, seed)
-        seconds["solve"] = time.perf_counter() - t
-        t = time.perf_counter()
-        merged = rewrite(list(models), graph, alignment)
-        seconds["rewrite"] = time.perf_counter() - t
-    t = time.perf_counter()
-    merged.eval()
-    if reset_bn and data is not None and has_batchnorm(merged):
-        globals()["reset_bn"](merged, data, input_fn)
-    seconds["reset_bn"] = time.perf_counter() - t
-    log.info("merge %s: %s", method, ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
-    if return_result:
-        return MergeResult(merged, graph, alignment, stats, seconds, cfg)
-    return merged
+        raise ValueError(f"method {method or 'mudsc_zip'!r} uses activations: pass calibration data")
+    merger = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged)
+    return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **options).model
 
 
 def align_models(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: str = "act_align",
                  seed: int = 0, input_fn: Optional[Callable] = None, *, example_inputs: Any = None,
                  **options: Any) -> list[nn.Module]:
     """Permute every model into models[0]'s basis (copies; models[0] is returned as a copy).
-    ``method`` must be a permutation matching: act_align, mudsc_align or rebasin."""
-    cfg = method_config(method, options.pop("alpha", None))
+    ``method`` must be a permutation matching: act_align, mudsc_align or rebasin. The graph is
+    proven first, so the aligned copies compute exactly what the originals compute."""
+    alpha = options.pop("alpha", None)
+    cfg = method_config(method, alpha)
     if cfg.match != "align":
         raise ValueError(f"align_models needs a permutation method (act_align, mudsc_align, rebasin), got {method!r}")
-    res = merge(models, data, method, cfg.alpha if method != "rebasin" else None, reset_bn=False, seed=seed,
-                input_fn=input_fn, example_inputs=example_inputs, return_result=True, **options)
+    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress")
+              if k in options}
+    res = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged).merge(
+        method, alpha, reset_bn=False, seed=seed, **options)
     out = []
     for i, m in enumerate(models):
         perms = {s: p[i] for s, p in res.alignment.perms.items()}

@@ -131,10 +131,10 @@ def test_same_seed_gives_bit_identical_state_dict_and_inputs_untouched():
 
 def test_mudsc_iteration_keeps_the_best_objective():
     t, a, b = _two_models("mlp")
-    res = mf.merge([a, b], _calibration(t), method="mudsc_align", return_result=True, reset_bn=False)
+    res = mf.Merger([a, b], _calibration(t)).merge("mudsc_align", reset_bn=False)
     hist = res.alignment.objective
     assert res.alignment.sweeps >= 1 and len(hist) == res.alignment.sweeps + 1
-    assert res.seconds.keys() >= {"infer", "statistics", "solve", "rewrite", "reset_bn"}
+    assert res.seconds.keys() >= {"infer", "verify", "statistics", "solve", "rewrite", "reset_bn"}
 
 
 def test_merge_of_different_models_beats_nothing_and_keeps_shapes():
@@ -232,7 +232,7 @@ def test_error_unknown_method():
 def test_error_different_classes():
     class Other(nn.Sequential):
         pass
-    with pytest.raises(ValueError, match="model 1 is a Other"):
+    with pytest.raises(ValueError, match=r"model 1 differs from model 0 at module '\(root\)': Other"):
         mf.merge([_mlp(), Other(*_mlp())], DATA)
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional
 
 import torch.fx as fx
 
-from .layout import Layout, Plain, describe, spaces_of
+from .layout import Layout, Plain, describe, leaf_units, spaces_of
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,39 @@ class PermutationGraph:
                 out.setdefault(s.head, []).append(s.id)
         return {h: tuple(v) for h, v in out.items()}
 
+    def motion_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The free spaces grouped by what must move together: a plain space alone; a head
+        space with every blocked space tied to it (their block permutation is one)."""
+        groups: list[tuple[int, ...]] = []
+        ties = self.ties()
+        for s in self.spaces:
+            if not self.is_free(s.id):
+                continue
+            if s.kind == "head":
+                groups.append((s.id,) + tuple(t for t in ties.get(s.id, ()) if self.is_free(t)))
+            elif s.blocks is None or s.head is None or not self.is_free(s.head):
+                groups.append((s.id,))
+        return tuple(groups)
+
+    def freeze(self, spaces: Iterable[int], reason: str) -> "PermutationGraph":
+        """A copy with ``spaces`` fixed (blocked spaces' heads included), ``reason`` recorded."""
+        todo = set(spaces)
+        for s in list(todo):
+            sp = self.spaces[s]
+            if sp.head is not None:
+                todo.add(sp.head)
+            if sp.kind == "head":
+                todo.update(self.ties().get(s, ()))
+        new = tuple(replace(sp, fixed=True, fixed_by=tuple(sorted(set(sp.fixed_by) | {reason})))
+                    if sp.id in todo else sp for sp in self.spaces)
+        return replace(self, spaces=new)
+
     def coverage(self) -> float:
         """Fraction of hidden producer output units (not reaching a model output) that lie
         in free spaces."""
         free = total = 0
         for _, layout in self.producers:
-            for unit_space, n in _leaf_units(layout, self.size):
+            for unit_space, n in leaf_units(layout, self.size):
                 if unit_space is not None and self.spaces[unit_space].reaches_output:
                     continue
                 total += n
@@ -211,17 +238,3 @@ class PermutationGraph:
                        f'label="{b.node}\\n{b.op}"];')
         out.append("}")
         return "\n".join(out)
-
-
-def _leaf_units(layout: Layout, size) -> list[tuple[Optional[int], int]]:
-    """(space or None for fixed, number of axis indices) for each leaf of a layout."""
-    from .layout import Concat, Fixed, Kron
-    if isinstance(layout, Plain):
-        return [(layout.space, size(layout.space))]
-    if isinstance(layout, Fixed):
-        return [(None, layout.n)]
-    if isinstance(layout, Concat):
-        return [u for p in layout.parts for u in _leaf_units(p, size)]
-    assert isinstance(layout, Kron)
-    rep = layout.outer * layout.inner_rep
-    return [(s, n * rep) for s, n in _leaf_units(layout.inner, size)]

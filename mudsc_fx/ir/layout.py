@@ -127,6 +127,18 @@ def transform_axis(t: torch.Tensor, axis: int, layout: Layout,
     return t3.reshape(shape[:axis] + [layout.outer * new_m * layout.inner_rep] + shape[axis + 1:])
 
 
+def leaf_units(layout: Layout, space_size: Callable[[int], int]) -> list[tuple[int | None, int]]:
+    """(space, or None for fixed indices; how many axis indices) for each leaf of a layout."""
+    if isinstance(layout, Plain):
+        return [(layout.space, space_size(layout.space))]
+    if isinstance(layout, Fixed):
+        return [(None, layout.n)]
+    if isinstance(layout, Concat):
+        return [u for p in layout.parts for u in leaf_units(p, space_size)]
+    rep = layout.outer * layout.inner_rep
+    return [(s, n * rep) for s, n in leaf_units(layout.inner, space_size)]
+
+
 def describe(layout: Layout | None) -> str:
     if layout is None:
         return "fixed"

@@ -106,6 +106,20 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise TypeError(f"example_inputs must be a tensor or a tuple of model inputs, got {type(example_inputs).__name__}")
 
 
+@contextlib.contextmanager
+def untouched(model: nn.Module):
+    """torch.fx stores tensor constants it meets while tracing as ``_tensor_constantN``
+    attributes of the traced module itself; remove them afterwards so that tracing never
+    modifies the user's model (the GraphModule keeps its own references)."""
+    before = set(vars(model))
+    try:
+        yield
+    finally:
+        for name in set(vars(model)) - before:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
+
+
 def _user_frame(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
@@ -129,7 +143,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type]
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     tracer = _Tracer(tuple(leaf_modules))
-    with eval_mode(model):
+    with eval_mode(model), untouched(model):
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as e:

@@ -7,7 +7,7 @@ both thin callers of it.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -96,20 +96,38 @@ def apply_permutations(model: nn.Module, pg: PermutationGraph, perms: Mapping[in
     return out
 
 
-def random_permutations(pg: PermutationGraph, rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """A uniformly drawn valid permutation of every free space, respecting blocks and ties."""
+def _non_identity(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random permutation of n >= 2 items that moves something (an identity draw would let a
+    wrong symmetry pass a check unnoticed: for n = 2 that is every other draw)."""
+    p = rng.permutation(n)
+    if n >= 2 and (p == np.arange(n)).all():
+        i, j = rng.choice(n, size=2, replace=False)
+        p[[i, j]] = p[[j, i]]
+    return p
+
+
+def random_permutations(pg: PermutationGraph, rng: np.random.Generator,
+                        spaces: Optional[Iterable[int]] = None) -> dict[int, np.ndarray]:
+    """A random valid permutation of every free space (of ``spaces`` only, when given),
+    respecting blocks and ties; every drawn permutation moves something."""
+    allowed = None if spaces is None else set(spaces)
     perms: dict[int, np.ndarray] = {}
     for s in pg.spaces:
-        if s.kind == "head" and not s.fixed and s.size > 1:
-            perms[s.id] = rng.permutation(s.size)
+        if s.kind == "head" and pg.is_free(s.id) and s.size > 1 and (allowed is None or s.id in allowed):
+            perms[s.id] = _non_identity(rng, s.size)
     for s in pg.spaces:
-        if s.kind == "head" or s.fixed or s.size <= 1:
+        if s.kind == "head" or not pg.is_free(s.id) or s.size <= 1:
+            continue
+        if allowed is not None and s.id not in allowed:
             continue
         if s.blocks is None:
-            perms[s.id] = rng.permutation(s.size)
+            perms[s.id] = _non_identity(rng, s.size)
             continue
         G, g = s.blocks
         sigma = perms.get(s.head, np.arange(G))
         within = [np.arange(g) if s.within != "free" else rng.permutation(g) for _ in range(G)]
-        perms[s.id] = np.concatenate([sigma[b] * g + within[b] for b in range(G)])
+        perm = np.concatenate([sigma[b] * g + within[b] for b in range(G)])
+        if s.within == "free" and g > 1 and s.head not in perms and (perm == np.arange(G * g)).all():
+            perm[:g] = _non_identity(rng, g)
+        perms[s.id] = perm
     return perms

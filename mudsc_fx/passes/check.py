@@ -1,4 +1,11 @@
-"""The proof: permute every free space at random and compare outputs in float64."""
+"""The proof: permute every free space at random and compare outputs in float64.
+
+:func:`check` proves an inferred graph on a model; when the proof fails, the failing spaces
+are located (bisection over the groups of spaces that move together, one float64 forward
+per test) and named, and coverage never counts them. :func:`verify` is the same proof as a
+pipeline stage: it returns the graph with the failing spaces frozen, so that a merge never
+moves a space that was not proven.
+"""
 from __future__ import annotations
 
 import copy
@@ -15,10 +22,14 @@ from ..ir.trace import as_input_tuple, eval_mode
 from .apply import apply_permutations, random_permutations
 from .infer import infer
 
+FAILED_REASON = "failed the equivalence check"
+
 
 @dataclass(frozen=True)
 class CheckReport:
-    """Result of :func:`check`. ``ok`` means outputs matched within ``tolerance``."""
+    """Result of :func:`check`. ``ok`` means outputs matched within ``tolerance``;
+    ``failing_spaces`` are the spaces whose permutation changed the output (located when the
+    check failed); ``coverage`` counts only spaces that passed."""
     model: str
     ok: bool
     max_abs_err: float
@@ -30,23 +41,26 @@ class CheckReport:
     graph: Optional[PermutationGraph]
     seconds: float
     error: Optional[str] = None
+    failing_spaces: tuple[int, ...] = ()
 
     def row(self) -> dict:
         return {"model": self.model, "spaces": self.n_spaces, "free": self.n_free,
                 "coverage": round(self.coverage, 4), "max_abs_err": self.max_abs_err,
                 "barriers": len(self.barriers), "status": "ok" if self.ok else ("error" if self.error else "FAIL"),
-                "seconds": round(self.seconds, 2), "error": self.error}
+                "seconds": round(self.seconds, 2), "error": self.error,
+                "failing_spaces": list(self.failing_spaces)}
 
 
-def _flat_tensors(out: Any) -> list[torch.Tensor]:
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor leaf of a model output (tensor, tuple/list, dict, dataclass/ModelOutput)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat_tensors(v)]
+        return [t for v in out.values() for t in flat_tensors(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat_tensors(v)]
+        return [t for v in out for t in flat_tensors(v)]
     if hasattr(out, "__dict__"):
-        return [t for v in vars(out).values() for t in _flat_tensors(v)]
+        return [t for v in vars(out).values() for t in flat_tensors(v)]
     return []
 
 
@@ -69,11 +83,82 @@ def perturb_(model: nn.Module, seed: int, small: int = 1 << 16) -> None:
                 t.add_(scale * noise)
 
 
+def _double_inputs(example_inputs: Any) -> tuple:
+    return tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                 for x in as_input_tuple(example_inputs))
+
+
+class _Prover:
+    """The float64 reference model and its outputs; ``error(perms)`` runs one permuted copy."""
+
+    def __init__(self, model: nn.Module, pg: PermutationGraph, example_inputs: Any, seed: int, perturb: bool):
+        self.pg = pg
+        self.ref = copy.deepcopy(model).double()
+        if perturb:
+            perturb_(self.ref, seed)
+        self.inputs = _double_inputs(example_inputs)
+        with torch.no_grad(), eval_mode(self.ref):
+            self.out = flat_tensors(self.ref(*self.inputs))
+        if any(x.is_floating_point() and not torch.isfinite(x).all() for x in self.out):
+            raise ValueError("non-finite activations: the model's outputs on the example input contain NaN or "
+                             "inf (in float64), so no permutation can be proven; check the weights and the inputs")
+        self.scale = max((x.abs().max().item() for x in self.out if x.is_floating_point() and x.numel()), default=0.0)
+
+    def error(self, perms: dict) -> float:
+        permuted = apply_permutations(self.ref, self.pg, perms)
+        with torch.no_grad(), eval_mode(permuted):
+            got = flat_tensors(permuted(*self.inputs))
+        if len(got) != len(self.out):
+            return float("inf")
+        err = 0.0
+        for x, y in zip(self.out, got):
+            if x.shape != y.shape:
+                return float("inf")
+            if x.is_floating_point():
+                d = (x - y).abs().max().item() if x.numel() else 0.0
+                err = max(err, d if d == d else float("inf"))  # NaN counts as a failure
+            elif not torch.equal(x, y):
+                return float("inf")
+        return err
+
+
+def locate_failures(prover: _Prover, tol: float, seed: int) -> tuple[int, ...]:
+    """Spaces whose permutation changes the output: bisection over the groups of spaces that
+    move together (:meth:`PermutationGraph.motion_groups`), one float64 forward per test."""
+    rng = np.random.default_rng(seed + 1)
+    pg = prover.pg
+
+    def fails(groups: list[tuple[int, ...]]) -> bool:
+        spaces = [s for g in groups for s in g]
+        return prover.error(random_permutations(pg, rng, spaces)) > tol
+
+    bad: list[int] = []
+
+    def search(groups: list[tuple[int, ...]]) -> None:
+        if not groups or not fails(groups):
+            return
+        if len(groups) == 1:
+            bad.extend(groups[0])
+            return
+        mid = len(groups) // 2
+        search(groups[:mid])
+        search(groups[mid:])
+
+    groups = list(pg.motion_groups())
+    search(groups)
+    remaining = [g for g in groups if not set(g) & set(bad)]
+    # permutations that are valid alone compose to a valid one; confirm it on the rest
+    if remaining and fails(remaining):
+        bad.extend(s for g in remaining for s in g)
+    return tuple(sorted(set(bad)))
+
+
 def check(model: nn.Module, example_inputs: Any, seed: int = 0, *, pg: Optional[PermutationGraph] = None,
           perturb: bool = True, leaf_modules: Iterable[type] = (), rtol: float = 1e-7,
           name: Optional[str] = None) -> CheckReport:
     """Prove the inferred permutation graph on ``model``: draw a random valid permutation for
     every free space, apply it to a float64 copy and compare outputs with the unpermuted copy.
+    On failure the failing spaces are located and named in the report.
 
     >>> import torch, mudsc_fx as mf
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -84,24 +169,33 @@ def check(model: nn.Module, example_inputs: Any, seed: int = 0, *, pg: Optional[
     name = name or type(model).__name__
     if pg is None:
         pg = infer(model, example_inputs, leaf_modules=leaf_modules)
-    ref = copy.deepcopy(model).double()
-    if perturb:
-        perturb_(ref, seed)
-    perms = random_permutations(pg, np.random.default_rng(seed))
-    permuted = apply_permutations(ref, pg, perms)
-    inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                   for x in as_input_tuple(example_inputs))
-    with torch.no_grad(), eval_mode(ref, permuted):
-        a = _flat_tensors(ref(*inputs))
-        b = _flat_tensors(permuted(*inputs))
-    err, scale = 0.0, 0.0
-    for x, y in zip(a, b):
-        if x.is_floating_point():
-            err = max(err, (x - y).abs().max().item() if x.numel() else 0.0)
-            scale = max(scale, x.abs().max().item() if x.numel() else 0.0)
-        elif not torch.equal(x, y):
-            err = float("inf")
-    tol = rtol * max(1.0, scale)
-    ok = len(a) == len(b) and err <= tol
-    return CheckReport(name, ok, err, tol, pg.coverage(), len(pg.spaces), len(pg.free_spaces),
-                       pg.barriers, pg, time.perf_counter() - t0)
+    prover = _Prover(model, pg, example_inputs, seed, perturb)
+    tol = rtol * max(1.0, prover.scale)
+    err = prover.error(random_permutations(pg, np.random.default_rng(seed)))
+    ok = err <= tol
+    failing = () if ok else locate_failures(prover, tol, seed)
+    coverage = pg.freeze(failing, FAILED_REASON).coverage() if failing else pg.coverage()
+    return CheckReport(name, ok, err, tol, coverage, len(pg.spaces), len(pg.free_spaces),
+                       pg.barriers, pg, time.perf_counter() - t0, failing_spaces=failing)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify` found: the graph to merge with (failing spaces frozen)."""
+    graph: PermutationGraph
+    ok: bool
+    max_abs_err: float
+    failing_spaces: tuple[int, ...]
+    seconds: float
+
+
+def verify(model: nn.Module, pg: PermutationGraph, example_inputs: Any, seed: int = 0,
+           rtol: float = 1e-7) -> Verification:
+    """The proof as a pipeline stage: the graph with every space that fails the equivalence
+    check frozen (a merge then leaves those units where they are)."""
+    t0 = time.perf_counter()
+    if not pg.free_spaces:
+        return Verification(pg, True, 0.0, (), time.perf_counter() - t0)
+    rep = check(model, example_inputs, seed, pg=pg, rtol=rtol)
+    graph = pg.freeze(rep.failing_spaces, FAILED_REASON) if rep.failing_spaces else pg
+    return Verification(graph, rep.ok, rep.max_abs_err, rep.failing_spaces, time.perf_counter() - t0)

@@ -112,6 +112,9 @@ def infer(model: nn.Module, example_inputs: Any = None, *, gm: Optional[fx.Graph
         if use.fqn in names or ctx.canonical.get(use.fqn) in names:
             for lay in use.layouts:
                 ctx.fix(lay, f"fixed parameter {use.fqn}")
+        elif not ctx.tensors[use.fqn].is_floating_point():  # masks, indices: cannot be averaged
+            for lay in use.layouts:
+                ctx.fix(lay, f"non-floating tensor {use.fqn} cannot be merged")
     _unify_tied(ctx)
     return _freeze(ctx)
 

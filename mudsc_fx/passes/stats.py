@@ -101,7 +101,7 @@ def tap_module(gm: fx.GraphModule, root: nn.Module, node_names: Sequence[str]) -
             break
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[n] for n in gm.graph.nodes if n.name in want and n.op != "output"))
-    gm = fx.GraphModule(root, graph)
+    gm = fx.GraphModule(_owners(gm, root, graph), graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -217,6 +217,33 @@ def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], 
     return [(tap.layout.space, _tapped(value, tap, params))]
 
 
+def _has(obj: Any, target: str) -> bool:
+    try:
+        _fetch(obj, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _owners(gm: fx.GraphModule, root: nn.Module, graph: fx.Graph) -> dict[str, Any]:
+    """Targets of the graph's modules and attributes: ``root``'s own, else ``gm``'s (tensor
+    constants that fx keeps on the GraphModule, never on the user's model)."""
+    out: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            try:
+                out[node.target] = _fetch(root, node.target)
+            except AttributeError:
+                out[node.target] = _fetch(gm, node.target)
+    return out
+
+
+def _fetch(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def lockstep_tap_module(gm: fx.GraphModule, models: Sequence[nn.Module], node_names: Sequence[str],
                         on_tap: Callable[..., None]) -> fx.GraphModule:
     """One GraphModule running ``gm``'s graph for all ``models`` node by node on the same
@@ -230,11 +257,20 @@ def lockstep_tap_module(gm: fx.GraphModule, models: Sequence[nn.Module], node_na
     graph = fx.Graph()
     envs: list[dict[fx.Node, fx.Node]] = [{} for _ in models]
     want = set(node_names)
+    constants: dict[str, Any] = {}
     for node in single.graph.nodes:
         if node.op == "output":
             break
         if node.op == "placeholder":
             new = graph.node_copy(node, lambda n: envs[0][n])
+            for env in envs:
+                env[node] = new
+            continue
+        if node.op == "get_attr" and not _has(models[0], node.target):  # a constant: shared
+            name = f"const_{len(constants)}"
+            constants[name] = _fetch(single, node.target)
+            setattr(root, name, constants[name])
+            new = graph.get_attr(name)
             for env in envs:
                 env[node] = new
             continue
