@@ -1,39 +1,75 @@
-"""Every torchvision classification model (random weights, eval mode) is proven equivalent
-under a random permutation of every free space. Marked ``zoo``: slow, but CI runs it."""
+"""The project's own zoo CI: every torchvision classification model (random weights, eval mode)
+proven equivalent under a random permutation of every free space, run as a CI job runs it:
+``mudsc-fx check --zoo torchvision --jobs 2`` against the committed baseline, in worker
+processes with the memory guard. Marked ``zoo``: slow, but CI runs it."""
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
 import pytest
 import torch
 
-from mudsc_fx.cli import run_check
-from mudsc_fx.sources import MAX_PARAMS, torchvision_zoo
+from mudsc_fx.zoo_check import Limits, check_zoo, load_report
 
 pytestmark = pytest.mark.zoo
 
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "benchmarks/results/zoo_torchvision.json"
 COVERAGE_95 = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
                "vit_b_16", "densenet121", "regnet_x_400mf", "resnext50_32x4d"]
+GIANTS = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "convnext_large"}   # > 150M parameters
 
 
 @pytest.fixture(scope="module")
-def sweep():
-    torch.set_num_threads(2)
-    return {row["model"]: row for row in run_check(torchvision_zoo())}
+def sweep(tmp_path_factory):
+    """The CLI in a fresh interpreter (a lean parent to fork the workers from), this checkout's
+    code first on the path."""
+    out = tmp_path_factory.mktemp("zoo")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, "-m", "mudsc_fx.cli", "check", "--zoo", "torchvision", "--jobs", "2",
+           "--baseline", str(BASELINE), "--json", str(out / "zoo.json"), "--junit", str(out / "zoo.xml")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    report = load_report(out / "zoo.json") if (out / "zoo.json").exists() else None
+    return proc, report, out / "zoo.xml"
+
+
+def test_no_regression_against_the_committed_baseline(sweep):
+    proc, report, _ = sweep
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert report is not None and "compared with the baseline: 0 regressions" in proc.stdout
 
 
 def test_whole_zoo_has_no_equivalence_failure(sweep):
-    bad = {k: r for k, r in sweep.items() if r["status"] in ("FAIL", "error")}
+    _, report, _ = sweep
+    bad = {r.model: r.error or r.max_abs_err for r in report.results if r.failed}
     assert not bad, bad
-    checked = [r for r in sweep.values() if r["status"] == "ok"]
-    assert len(checked) >= 70
+    assert report.counts()["ok"] >= 70
 
 
 def test_only_giant_models_are_skipped(sweep):
-    skipped = [k for k, r in sweep.items() if r["status"] == "skipped"]
-    assert set(skipped) <= {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}
-    assert all(str(MAX_PARAMS // 10**6) in sweep[k]["reason"] for k in skipped)
+    _, report, _ = sweep
+    skipped = {r.model: r.error for r in report.results if r.status == "skipped"}
+    assert set(skipped) <= GIANTS, skipped
+    assert all("parameters (> 150M)" in why for why in skipped.values())
+
+
+def test_every_worker_stays_under_the_memory_guard(sweep):
+    _, report, _ = sweep
+    checked = [r for r in report.results if r.status != "skipped"]
+    assert all(r.peak_rss_mb is not None and r.peak_rss_mb < Limits.memory_gb * 1024 for r in checked)
 
 
 @pytest.mark.parametrize("name", COVERAGE_95)
 def test_coverage_of_main_architectures(sweep, name):
-    assert sweep[name]["coverage"] >= 0.95
+    assert sweep[1].by_model()[name].coverage >= 0.95
+
+
+def test_junit_report_has_one_case_per_model(sweep):
+    _, report, junit = sweep
+    cases = [c.get("name") for c in ET.parse(junit).getroot().iter("testcase")]
+    assert cases == [r.model for r in report.results]
 
 
 @pytest.mark.parametrize("name", ["swin_t", "maxvit_t"])
@@ -56,9 +92,9 @@ def test_window_attention_models_have_structured_heads(name):
 
 def test_timm_representatives_have_no_failure():
     pytest.importorskip("timm")
-    from mudsc_fx.sources import timm_zoo
-    rows = list(run_check(timm_zoo()))
-    bad = [r for r in rows if r["status"] != "ok"]
+    from mudsc_fx.sources import TIMM_SAMPLE, timm_zoo
+    rows = check_zoo(timm_zoo(names=TIMM_SAMPLE), jobs=2)
+    bad = [r for r in rows if r.status != "ok"]
     assert not bad, bad
-    cov = {r["model"]: r["coverage"] for r in rows}
+    cov = {r.model: r.coverage for r in rows}
     assert cov["vit_tiny_patch16_224"] == 1.0 and cov["resnet50d"] == 1.0 and cov["convnext_atto"] == 1.0

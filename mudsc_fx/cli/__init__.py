@@ -8,7 +8,6 @@ import sys
 from typing import Optional, Sequence
 
 from . import check, demo, inspect, merge
-from .check import run_check  # noqa: F401  (re-exported for callers of the old module)
 from .common import fail
 
 COMMANDS = (inspect, check, merge, demo)

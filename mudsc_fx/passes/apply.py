@@ -58,13 +58,14 @@ def transform_tensor(t: torch.Tensor, members: tuple[Member, ...], op: SpaceOp,
 
 def transform_params(pg: PermutationGraph, tensors: Mapping[str, torch.Tensor], op: SpaceOp) -> dict[str, torch.Tensor]:
     """New tensors for every parameter/buffer with members (others are not returned)."""
+    return {fqn: transform_tensor(tensors[fqn], members, op, pg.size) for fqn, members in members_by_fqn(pg).items()}
+
+
+def members_by_fqn(pg: PermutationGraph) -> dict[str, tuple[Member, ...]]:
     by_fqn: dict[str, list[Member]] = {}
     for m in pg.members:
         by_fqn.setdefault(m.fqn, []).append(m)
-    out = {}
-    for fqn, members in by_fqn.items():
-        out[fqn] = transform_tensor(tensors[fqn], tuple(sorted(members, key=lambda m: m.axis)), op, pg.size)
-    return out
+    return {fqn: tuple(sorted(ms, key=lambda m: m.axis)) for fqn, ms in by_fqn.items()}
 
 
 def load_tensors(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
@@ -92,7 +93,10 @@ def permutation_op(perms: Mapping[int, np.ndarray]) -> SpaceOp:
 def apply_permutations(model: nn.Module, pg: PermutationGraph, perms: Mapping[int, np.ndarray]) -> nn.Module:
     """A permuted copy of ``model`` (the input is not modified)."""
     out = copy.deepcopy(model)
-    load_tensors(out, transform_params(pg, named_tensors(out), permutation_op(perms)))
+    tensors, op = named_tensors(out), permutation_op(perms)
+    with torch.no_grad():
+        for fqn, members in members_by_fqn(pg).items():   # one tensor at a time: no second model copy
+            tensors[fqn].copy_(transform_tensor(tensors[fqn], members, op, pg.size))
     return out
 
 
