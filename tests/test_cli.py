@@ -31,7 +31,7 @@ def test_check_prints_table_and_fails_on_error(capsys, tmp_path):
     assert main(["check", CNN, "--input-shape", "1,3,8,8", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "coverage" in out and "1 checked, 1 ok, 0 failed" in out
-    assert json.loads((tmp_path / "r.json").read_text())[0]["status"] == "ok"
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["status"] == "ok"
     assert main(["check", CNN, f"{HERE / 'cli_models.py'}:broken", "--input-shape", "1,3,8,8"]) == 1
     out = capsys.readouterr().out
     assert "2 checked, 1 ok, 1 failed" in out and "could not trace" in out

@@ -231,12 +231,17 @@ def _warm_up() -> None:
     then happen once, not in every worker (about 0.2 s per model)."""
     import mudsc_fx as mf
     from torch import nn
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 2))
-        mf.check(m, torch.randn(1, 3, 8, 8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # no OpenMP pool in the parent that forked workers would inherit
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(4, 2))
+            mf.check(m, torch.randn(1, 3, 8, 8))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _expected(entry: ZooEntry, cost: Mapping[str, float]) -> float:
