@@ -12,8 +12,7 @@ from torch import nn
 
 import tiny_zoo
 from mudsc_fx.cli import main
-from mudsc_fx.passes.rules import RULES
-from mudsc_fx.passes.rules_elementwise import passthrough
+from mudsc_fx.rules import RULES, passthrough
 from mudsc_fx.sources import (ModelSpecError, ZooEntry, default_input_shape, load_model, register_zoo,
                               zoo)
 from mudsc_fx.zoo_check import Limits, ZooReport, check_model, check_zoo, load_report, rows_equal
