@@ -6,7 +6,6 @@ import copy
 import json
 import sys
 import types
-import weakref
 
 import pytest
 import safetensors
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from mudsc_fx.checkpoints import write_state_dict
 from mudsc_fx.taskvec import EMRModel, emr_merge, task_arithmetic, task_heads, ties_merge
 
 HEAD = r"^4\."  # the last Linear of mlp()
@@ -312,7 +312,7 @@ def test_save_load_round_trip_is_exact(tmp_path, rescale):
         assert_states_equal(loaded.task_state(t), emr.task_state(t), exact=True)
     with safetensors.safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
-    assert metadata["num_tasks"] == "3" and metadata["rescale"] == rescale and metadata["format_version"] == "1"
+    assert metadata["num_tasks"] == "3" and metadata["rescale"] == rescale and metadata["format_version"] == "2"
     assert [e[0] for e in json.loads(metadata["layout"])["kept"]] == ["5.weight", "5.bias"]
 
 
@@ -352,29 +352,22 @@ def test_lazy_inputs_from_paths_and_callables(tmp_path):
         assert torch.equal(emr.tau_uni, expected.tau_uni) and emr.rescalers == expected.rescalers
 
 
-def test_lazy_inputs_are_loaded_one_at_a_time():
+def test_callables_are_called_once_each_in_order():
     base = mlp()
     models = [finetune(base, s) for s in range(3)]
-    alive, calls = [], []
+    calls = []
 
     def loader(index):
         def load():
-            assert all(ref() is None for ref in alive), "an earlier model is still held"
             calls.append(index)
-            state = {n: t.clone() for n, t in models[index].state_dict().items()}
-            alive.append(weakref.ref(state["0.weight"]))
-            return state
+            return {n: t.clone() for n, t in models[index].state_dict().items()}
         return load
 
     sources = [loader(i) for i in range(3)]
-    task_arithmetic(base, sources)
-    assert calls == [0, 1, 2]
-    calls.clear()
-    ties_merge(base, sources)
-    assert calls == [0, 1, 2] * 2
-    calls.clear()
-    emr_merge(base, sources, keep=HEAD)
-    assert calls == [0, 1, 2] * 2
+    for merge in (task_arithmetic, ties_merge, lambda b, m: emr_merge(b, m, keep=HEAD)):
+        calls.clear()
+        merge(base, sources)
+        assert calls == [0, 1, 2]  # once per merge, although TIES and EMR read every model more than once
 
 
 def test_inputs_are_never_modified():
@@ -415,14 +408,23 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         with pytest.raises(ValueError, match="model 2: parameter '2.weight' contains NaN or inf"):
             emr_merge(base, [good, good, broken])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="model 1: cannot read .*junk.pt"):
+    with pytest.raises(ValueError, match=r"model 1 \(.*junk.pt\): refused by the weights-only loader"):
         emr_merge(base, [good, tmp_path / "junk.pt"])
     with pytest.raises(FileNotFoundError, match="model 0"):
         emr_merge(base, [tmp_path / "absent.pt"])
     with pytest.raises(ValueError, match="rescale"):
         emr_merge(base, [good], rescale="mean")
-    with pytest.raises(ValueError, match="k is the kept fraction"):
-        ties_merge(base, [good], k=20)
+    for k in (20, 0, -0.1, float("nan"), True, "0.2"):
+        with pytest.raises(ValueError, match="ties: k is the kept fraction .* in \\(0, 1\\]"):
+            ties_merge(base, [good], k=k)
+    for lam in (float("nan"), float("inf"), -0.3, True, None, "1"):
+        for merge in (task_arithmetic, ties_merge):
+            with pytest.raises(ValueError, match="lam scales the task vectors and must be a finite number >= 0"):
+                merge(base, [good], lam=lam)
+    with pytest.raises(ValueError, match="per_tensor must be True or False, got 'yes'"):
+        ties_merge(base, [good], per_tensor="yes")
+    with pytest.raises(ValueError, match="keep 'head\\[' is not a valid regular expression"):
+        task_arithmetic(base, [good], keep="head[")
     with pytest.raises(ValueError, match="keep names entries the base does not have"):
         emr_merge(base, [good], keep=["head.weight"])
     emr = emr_merge(base, [good, good])
@@ -451,17 +453,23 @@ def test_corrupt_or_foreign_files_raise_clear_errors(tmp_path):
     with safetensors.safe_open(str(path), framework="pt") as handle:
         metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
 
-    def variant(name, meta=None, drop=None):
+    def variant(name, meta=None, drop=None, checksum=True):
+        """The artifact with changed metadata or a tensor dropped, re-checksummed unless told not to."""
         target = tmp_path / name
         kept = {k: v for k, v in tensors.items() if k != drop}
-        safetensors.torch.save_file(kept, str(target), metadata={**metadata, **(meta or {})})
+        meta = {k: v for k, v in {**metadata, **(meta or {})}.items() if k != "tensors_sha256"}
+        if checksum:
+            write_state_dict(kept, target, metadata=meta)
+        else:
+            safetensors.torch.save_file(kept, str(target), metadata=meta)
         return target
 
     cases = [
-        (junk, "not a readable safetensors file"),
-        (truncated, "not a readable safetensors file"),
+        (junk, "not a valid safetensors file"),
+        (truncated, "not a valid safetensors file"),
         (foreign, "not an EMR-Merging artifact"),
-        (variant("v2.safetensors", {"format_version": "2"}), "unsupported format_version '2'"),
+        (variant("v1.safetensors", {"format_version": "1"}), "unsupported format_version '1'.*no checksum"),
+        (variant("nosum.safetensors", checksum=False), "no 'tensors_sha256' in the metadata"),
         (variant("tasks.safetensors", {"num_tasks": "3"}), "missing"),
         (variant("layout.safetensors", {"layout": "{"}), "metadata 'layout' is invalid"),
         (variant("nomask.safetensors", drop="masks"), r"missing \['masks'\]"),

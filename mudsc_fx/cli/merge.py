@@ -1,106 +1,248 @@
-"""``mudsc-fx merge``: checkpoints of one architecture in, one merged checkpoint out."""
+"""``mudsc-fx merge``: checkpoints of one architecture in, one merged checkpoint (or EMR artifact) out.
+
+Everything the command can check is checked before any merging starts: the method and its
+options, the output path (suffix, existing writable folder), the calibration data, the
+checkpoint files (readable, weights only: a pickle that needs code is refused, nothing in it
+runs). Every problem ends in one line, ``mudsc-fx: error: ...``, and exit status 2.
+
+Task-vector methods (``task_arithmetic``, ``ties``, ``emr`` and any method registered in
+``mudsc_fx.taskvec``) stream ``.safetensors`` checkpoints tensor by tensor; their flags and
+defaults come from the method registry.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..checkpoints import (CHECKPOINT_SUFFIXES, check_output_path, load_into, load_torch_object,
+                           open_checkpoint, read_state_dict, write_state_dict)
 from .common import example_input, fail, parse_shape
+
+DATA_SUFFIXES = (".pt", ".npy", ".npz")
+BATCH_SIZE = 128
+
+
+def _task_vector_methods() -> dict:
+    from ..taskvec import get_method, method_names
+    return {name: get_method(name) for name in method_names()}
+
+
+def _tv_options() -> dict[str, list]:
+    """Option name -> [(method, Option)] over every registered task-vector method."""
+    out: dict[str, list] = {}
+    for name, method in _task_vector_methods().items():
+        for option in method.options:
+            out.setdefault(option.name, []).append((name, option))
+    return out
+
+
+def _flag(option_name: str) -> str:
+    return "--" + option_name.replace("_", "-")
 
 
 def add_parser(sub) -> None:
     from ..merge import PRESETS
-    s = sub.add_parser("merge", help="merge checkpoints of one architecture")
-    s.add_argument("--arch", required=True)
-    s.add_argument("--checkpoints", nargs="+", required=True)
-    s.add_argument("--method", default="mudsc_zip", choices=list(PRESETS) + ["emr", "task_arithmetic", "ties"])
-    s.add_argument("--alpha", type=float)
-    s.add_argument("--data", help="a .pt tensor of inputs, or module:function returning an iterable of batches")
-    s.add_argument("--base", help="base checkpoint for emr / task_arithmetic / ties")
-    s.add_argument("--lam", type=float, default=0.3)
+    s = sub.add_parser("merge", help="merge checkpoints of one architecture",
+                       description="Merge checkpoints: matching methods (" + ", ".join(PRESETS) + ") need --arch; "
+                       "task-vector methods (" + ", ".join(_task_vector_methods()) + ") need --base.")
+    s.add_argument("--arch", help="model spec (torchvision:NAME, timm:NAME, file.py:factory, package.module:factory); "
+                                  "needed by the matching methods and by --heads auto")
+    s.add_argument("--checkpoints", nargs="+", required=True, help=f"checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+    s.add_argument("--method", default="mudsc_zip", choices=list(PRESETS) + list(_task_vector_methods()))
+    s.add_argument("--alpha", type=float, help="matching methods: weight of the weight similarity, in [0, 1]")
+    s.add_argument("--data", help="calibration inputs: a .pt tensor, a .npy array, a .npz holding one array (or one "
+                                  "named 'x'), or module:function returning an iterable of batches")
+    s.add_argument("--base", help="task-vector methods: the checkpoint the others were fine-tuned from")
+    s.add_argument("--heads", default="auto",
+                   help="task-vector methods: entries kept per task, never merged: 'auto' (the model's output "
+                        "layers, found from --arch), 'none', or a regular expression over entry names")
+    for name, users in _tv_options().items():
+        option = users[0][1]
+        defaults = ", ".join(f"{method}: {opt.default}" for method, opt in users)
+        help_text = f"{option.help} [{'/'.join(m for m, _ in users)}; default {defaults}]"
+        choices = getattr(option.check, "choices", None)
+        if isinstance(option.default, bool):
+            s.add_argument(_flag(name), dest=f"tv_{name}", action=argparse.BooleanOptionalAction, help=help_text)
+        elif choices:
+            s.add_argument(_flag(name), dest=f"tv_{name}", choices=choices, help=help_text)
+        else:
+            s.add_argument(_flag(name), dest=f"tv_{name}", type=float, metavar=name.upper(), help=help_text)
     s.add_argument("--input-shape", type=parse_shape, default=(1, 3, 224, 224))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=run)
 
 
-def _load_state(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
-    sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {path} does not hold a state dict")
-    return sd
+def run(args) -> int:
+    try:
+        if args.method in _task_vector_methods():
+            return _run_task_vectors(args)
+        return _run_matching(args)
+    except OSError as err:  # permissions, full disk, ...: one line naming the file
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        return fail(f"{where}{err.strerror or err}")
 
 
-def _load_data(spec: Optional[str]):
+def _given_tv_options(args) -> dict[str, object]:
+    return {name: getattr(args, f"tv_{name}") for name in _tv_options() if getattr(args, f"tv_{name}") is not None}
+
+
+# ------------------------------------------------------------------ calibration data
+
+
+def _as_batches(x, source: str) -> list:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"--data {source}: expected a non-empty array of inputs (first axis = samples)")
+    if x.dtype == torch.float64:
+        x = x.float()  # models are float32; float64 inputs come from numpy's default
+    return list(torch.split(x, BATCH_SIZE))
+
+
+def _load_numpy(path: Path):
+    import numpy as np
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"--data {path}: not a readable {path.suffix} file without pickled objects ({err})") from None
+    if path.suffix == ".npz":
+        with loaded:
+            names = list(loaded.files)
+            if len(names) != 1 and "x" not in names:
+                raise ValueError(f"--data {path}: holds arrays {names}; give one array, or name the inputs 'x'")
+            loaded = loaded[names[0] if len(names) == 1 else "x"]
+    if loaded.dtype.kind not in "fiub":
+        raise ValueError(f"--data {path}: array of dtype {loaded.dtype}, expected numbers")
+    return torch.from_numpy(np.ascontiguousarray(loaded))
+
+
+@contextlib.contextmanager
+def _cwd_importable():
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def load_data(spec: Optional[str]):
+    """Calibration batches from ``--data`` (see the flag's help), or None."""
     if spec is None:
         return None
-    if spec.endswith(".pt"):
-        x = torch.load(spec, map_location="cpu", weights_only=True)
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"data file {spec} must hold one tensor of inputs")
-        return list(torch.split(x, 128))
-    import importlib
-    mod, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(mod), fn)()
+    path = Path(spec)
+    if path.suffix.lower() in DATA_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {spec}: no such file")
+        if path.suffix.lower() == ".pt":
+            return _as_batches(load_torch_object(path, f"--data {spec}"), spec)
+        return _as_batches(_load_numpy(path), spec)
+    module_name, colon, function = spec.partition(":")
+    if not colon or not module_name or not function:
+        raise ValueError(f"--data {spec}: expected a {'/'.join(DATA_SUFFIXES)} file of inputs or module:function")
+    with _cwd_importable():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"--data {spec}: cannot import {module_name!r} ({err})") from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ValueError(f"--data {spec}: {module_name} has no function {function!r}")
+    return factory()
 
 
-def _save_state(model: torch.nn.Module, out: str) -> None:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if out.endswith(".safetensors"):
-        from safetensors.torch import save_file
-        seen, unique = set(), {}
-        for k, v in sd.items():  # safetensors refuses shared storage (tied weights)
-            key = v.data_ptr()
-            unique[k] = v.clone() if key in seen else v
-            seen.add(key)
-        save_file(unique, out)
-    else:
-        torch.save(sd, out)
+# ------------------------------------------------------------------ matching methods
 
 
-def run(args) -> int:
+def _run_matching(args) -> int:
+    import mudsc_fx as mf
+    from ..merge import method_config
+    from ..sources import load_model
+    for given, flag in ((args.base, "--base"), (_given_tv_options(args), "task-vector options"),
+                        (args.heads != "auto", "--heads")):
+        if given:
+            return fail(f"{flag} applies to the task-vector methods, not --method {args.method}")
+    if not args.arch:
+        return fail(f"--method {args.method} needs --arch (the model the checkpoints belong to)")
+    method_config(args.method, args.alpha)  # bad alpha / method: before any work
+    output = check_output_path(args.output, CHECKPOINT_SUFFIXES, "-o")
+    data = load_data(args.data)
+    states = [read_state_dict(path, f"checkpoint {index}") for index, path in enumerate(args.checkpoints)]
+    models = [load_into(load_model(args.arch), state, f"checkpoint {index} ({path})").eval()
+              for index, (path, state) in enumerate(zip(args.checkpoints, states))]
+    del states
+    t0 = time.perf_counter()
+    example = None if data is not None else example_input(args.input_shape)
+    merged = mf.merge(models, data, method=args.method, alpha=args.alpha, seed=args.seed,
+                      example_inputs=example, progress=True)
+    write_state_dict(merged.state_dict(), output)
+    print(f"merged {len(models)} models with {args.method} in {time.perf_counter() - t0:.1f}s -> {output}")
+    return 0
+
+
+# ------------------------------------------------------------------ task-vector methods
+
+
+def _heads(args, data) -> object:
+    """The ``keep`` spec from ``--heads``: names found from --arch, None, or a regex."""
+    if args.heads == "none":
+        return None
+    if args.heads != "auto":
+        return args.heads
+    if not args.arch:
+        raise ValueError("--heads auto finds the output layers from --arch: give --arch, or --heads none / "
+                         "--heads REGEX")
     import mudsc_fx as mf
     from ..sources import load_model
-    models = []
-    for ck in args.checkpoints:
-        m = load_model(args.arch)
-        sd = _load_state(ck)
-        missing, unexpected = m.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            return fail(f"checkpoint {ck} does not fit {args.arch}: missing {list(missing)[:3]}, "
-                         f"unexpected {list(unexpected)[:3]}")
-        models.append(m.eval())
-    data = _load_data(args.data)
-    t0 = time.perf_counter()
-    if args.method in ("emr", "task_arithmetic", "ties"):
-        if not args.base:
-            return fail(f"--method {args.method} needs --base BASE_CHECKPOINT")
-        base = load_model(args.arch)
-        base.load_state_dict(_load_state(args.base))
-        example = next(iter(data)) if data is not None else example_input(args.input_shape)
-        heads = mf.infer(base.eval(), example).output_params()  # task heads stay per task
-        if args.method == "emr":
-            emr = mf.emr_merge(base, models, keep=heads)
-            emr.save(args.output)
-            print(f"wrote EMR artifact with {len(emr)} tasks to {args.output} ({Path(args.output).stat().st_size / 1e6:.2f} MB)")
-            return 0
-        merged = mf.task_arithmetic(base, models, lam=args.lam) if args.method == "task_arithmetic" \
-            else mf.ties_merge(base, models, lam=args.lam)
-        print(f"kept from the base (swap in each task's own): {', '.join(heads) or 'nothing'}")
-    else:
-        example = None if data is not None else example_input(args.input_shape)
-        merged = mf.merge(models, data, method=args.method, alpha=args.alpha, seed=args.seed,
-                          example_inputs=example, progress=True)
-    _save_state(merged, args.output)
-    print(f"merged {len(models)} models with {args.method} in {time.perf_counter() - t0:.1f}s -> {args.output}")
+    model = load_model(args.arch).eval()
+    example = next(iter(data)) if data is not None else example_input(args.input_shape)
+    heads = mf.infer(model, example).output_params()
+    del model
+    return heads
+
+
+def _run_task_vectors(args) -> int:
+    method = _task_vector_methods()[args.method]
+    given = _given_tv_options(args)
+    known = {option.name for option in method.options}
+    for name in given:
+        if name not in known:
+            flags = ", ".join(_flag(n) for n in sorted(known)) or "none"
+            return fail(f"{_flag(name)} does not apply to --method {args.method} (its options: {flags})")
+    if args.alpha is not None:
+        return fail(f"--alpha applies to the matching methods, not --method {args.method}")
+    options = method.resolve(given)
+    output = check_output_path(args.output, method.output_suffixes, "-o")
+    if not args.base:
+        return fail(f"--method {args.method} needs --base BASE_CHECKPOINT (the model the others were fine-tuned from)")
+    data = load_data(args.data)
+    readers = []
+    try:
+        readers.append(open_checkpoint(args.base, "--base"))
+        readers.extend(open_checkpoint(path, f"checkpoint {index}") for index, path in enumerate(args.checkpoints))
+        keep = _heads(args, data)
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    result = method.merge_files(readers[0], readers[1:], output, keep, options)
+    settings = ", ".join(f"{k}={v}" for k, v in result.options)
+    print(f"merged {result.num_models} models with {result.method} ({settings}) in {result.seconds:.1f}s "
+          f"-> {result.path} ({result.path.stat().st_size / 1e6:.2f} MB)")
+    if result.kept:
+        where = "stored per task" if method.output == "emr" else "taken from the base (swap in each task's own)"
+        print(f"kept, not merged, {where}: {', '.join(result.kept)}")
+    if method.output == "emr":
+        print(f"EMR artifact with {result.num_models} tasks; rescalers {[round(r, 4) for r in result.rescalers]}")
     return 0
+

@@ -1,4 +1,5 @@
-"""EMR-Merging (Elect, Mask, Rescale; arXiv 2405.17461) with bit-packed task masks.
+"""EMR-Merging (Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging",
+arXiv 2405.17461): elect, mask, rescale, with bit-packed task masks.
 
 For task vectors ``tau_t = theta_t - theta_0`` over the merged scalars:
 
@@ -15,6 +16,11 @@ For task vectors ``tau_t = theta_t - theta_0`` over the merged scalars:
   ``theta_0`` whatever ``lambda_t`` is);
 - task t is ``theta_0 + lambda_t * (m_t * tau_uni)``, with task t's own kept (head) entries.
 
+Everything but the rescalers is local to a scalar, and both L1 statistics are sums of
+per-chunk terms, so the whole merge is one streamed pass: ``tau_uni`` goes to its sink (a
+tensor in memory or straight into the artifact file) chunk by chunk, masks are packed as they
+come (N bits per scalar), and the rescalers are divided out at the end.
+
 Differences from the reference scripts: they treat ``sum_t tau_t == 0`` as a negative sign
 (``(s > 0) * 2 - 1``); here ``gamma`` is 0 there, as the paper's ``sign`` says. Masks are
 stored as bits (the references keep bool bytes, 8x larger).
@@ -24,181 +30,58 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
-import os
-import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .emr_artifact import RESCALE_MODES, EMRArtifact, base_digest, pack_mask, read_artifact, unpack_mask, write_artifact
-from .sources import KeepSpec, Layout, ModelSource, as_module, as_sources, iter_task_vectors, write_state
+from ..checkpoints import SAFETENSORS_SUFFIX, PathLike, SafetensorsWriter, check_output_path
+from .arithmetic import summed
+from .driver import MergeFileResult, file_result
+from .emr_artifact import (RESCALE_MODES, EMRArtifact, MaskPacker, artifact_metadata, artifact_specs, base_digest,
+                           kept_key)
+from .emr_model import EMRModel, write_state
+from .layout import KeepSpec
+from .registry import Option, TaskVectorMethod, choice, register_method
+from .stream import DEFAULT_CHUNK_SIZE, ModelSource, TaskVectorStream, as_sources, open_stream
 
-__all__ = ["emr_merge", "EMRModel", "EMRSize", "TaskIndexError"]
+__all__ = ["emr_merge", "EMR", "elect_and_mask", "run_emr"]
 
 log = logging.getLogger(__name__)
 
 
-class TaskIndexError(IndexError, ValueError):
-    """A task index outside ``range(len(emr))``."""
+def elect_and_mask(taus: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tau_uni, masks)`` of an (N, c) chunk of task vectors (modifies ``taus``)."""
+    gamma = summed(taus).sign_()
+    agreeing = taus.mul_(gamma)  # |tau_t| where task t agrees with gamma, <= 0 elsewhere
+    masks = agreeing > 0
+    epsilon = agreeing.clamp_(min=0).amax(0)
+    return gamma.mul_(epsilon), masks
 
 
-@dataclass(frozen=True)
-class EMRSize:
-    """Bytes of an EMR artifact by part (the base is not part of it), and of one checkpoint."""
+def run_emr(stream: TaskVectorStream, rescale: str, write_tau: Callable[[int, Tensor], None]) -> tuple[Tensor, Tensor]:
+    """One pass: ``tau_uni`` (storage dtype) to ``write_tau(offset, values)`` chunk by chunk.
 
-    tau_uni: int
-    masks: int
-    rescalers: int
-    kept: int
-    checkpoint: int  # one full state dict of the architecture, for comparison
-
-    @property
-    def total(self) -> int:
-        return self.tau_uni + self.masks + self.rescalers + self.kept
-
-
-def _l1(values: Tensor, layout: Layout, rescale: str) -> float:
-    """The rescaler's magnitude statistic of a flat vector (see the module docstring)."""
-    if rescale == "paper":
-        return float(torch.linalg.vector_norm(values, ord=1, dtype=torch.float64))
-    return sum(float(torch.linalg.vector_norm(values[span], ord=1, dtype=torch.float64)) / entry.numel
-               for entry, span in layout.segments() if entry.numel)
-
-
-class EMRModel:
-    """The EMR-Merging result: shared ``tau_uni``, per-task bit masks, rescalers and heads.
-
-    Holds a private copy of the base (so applying a task to the caller's base module cannot
-    corrupt it). Build with :func:`emr_merge` or :meth:`load`.
+    Returns the packed masks (N, ceil(P/8)) and the rescalers (N,) float64.
     """
-
-    def __init__(self, base: nn.Module, artifact: EMRArtifact):
-        self._base = base
-        self._artifact = artifact
-        self._applied: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()
-
-    def __len__(self) -> int:
-        return self._artifact.num_tasks
-
-    def __repr__(self) -> str:
-        return (f"EMRModel(tasks={len(self)}, scalars={self.num_scalars}, rescale={self.rescale!r}, "
-                f"kept={[entry.name for entry in self.layout.kept]})")
-
-    @property
-    def layout(self) -> Layout:
-        return self._artifact.layout
-
-    @property
-    def rescale(self) -> str:
-        return self._artifact.rescale
-
-    @property
-    def num_scalars(self) -> int:
-        return self.layout.num_scalars
-
-    @property
-    def rescalers(self) -> tuple[float, ...]:
-        return tuple(self._artifact.rescalers.tolist())
-
-    @property
-    def tau_uni(self) -> Tensor:
-        """A copy of the unified task vector (flat, merged entries in ``state_dict`` order)."""
-        return self._artifact.tau_uni.clone()
-
-    def _index(self, task: int) -> int:
-        index = operator.index(task)
-        if not 0 <= index < len(self):
-            raise TaskIndexError(f"task index {index} out of range: this EMRModel has {len(self)} tasks")
-        return index
-
-    def mask(self, task: int) -> Tensor:
-        """Task ``task``'s mask, unpacked to a flat bool tensor of ``num_scalars``."""
-        return unpack_mask(self._artifact.masks[self._index(task)], self.num_scalars)
-
-    def task_state(self, task: int) -> dict[str, Tensor]:
-        """The full state dict of task ``task`` (new tensors, in the base's dtypes)."""
-        index = self._index(task)
-        mask, rescaler = self.mask(index), float(self._artifact.rescalers[index])
-        work, base_state = self.layout.work_dtype, self._base.state_dict()
-        values = {}
-        for entry, span in self.layout.segments():
-            base_value = base_state[entry.name]
-            delta = (self._artifact.tau_uni[span].to(work) * mask[span]).mul_(rescaler)
-            values[entry.name] = (base_value.reshape(-1).to(work) + delta.to(base_value.device)
-                                  ).reshape(entry.shape).to(entry.dtype)
-        for name, tensor in self._artifact.kept[index].items():
-            values[name] = tensor.clone()
-        for entry in self.layout.copied:
-            values[entry.name] = base_state[entry.name].clone()
-        return values
-
-    def task(self, task: int) -> nn.Module:
-        """A new module of the base's architecture holding task ``task``'s weights."""
-        values = self.task_state(task)
-        module = copy.deepcopy(self._base)
-        write_state(module, values)
-        return module
-
-    def apply(self, module: nn.Module, task: int) -> None:
-        """Write task ``task`` into ``module`` (the base's architecture) in place.
-
-        The overwritten values are remembered for :meth:`remove`; applying again before
-        removing switches tasks but keeps the values from before the first ``apply``.
-        """
-        values = self.task_state(task)
-        state = module.state_dict()
-        self.layout.check(state, "module")
-        if module not in self._applied:
-            self._applied[module] = {name: state[name].detach().clone() for name in values}
-        write_state(module, values)
-
-    def remove(self, module: nn.Module) -> None:
-        """Restore the values :meth:`apply` overwrote in ``module``."""
-        saved = self._applied.pop(module, None)
-        if saved is None:
-            raise ValueError("remove: no task is applied to this module (apply() was not called on it "
-                             "or it was already removed)")
-        write_state(module, saved)
-
-    def nbytes(self) -> EMRSize:
-        """Artifact size by part, next to the size of one full checkpoint."""
-        artifact = self._artifact
-        return EMRSize(
-            tau_uni=artifact.tau_uni.nbytes, masks=artifact.masks.nbytes, rescalers=artifact.rescalers.nbytes,
-            kept=sum(tensor.nbytes for heads in artifact.kept for tensor in heads.values()),
-            checkpoint=sum(entry.nbytes for entry in self.layout.entries))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the artifact (not the base) to a safetensors file; see ``emr_artifact``."""
-        write_artifact(self._artifact, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, base_module: nn.Module) -> EMRModel:
-        """Read an artifact written by :meth:`save`; ``base_module`` must be the same base."""
-        artifact = read_artifact(path)
-        base = copy.deepcopy(base_module)
-        base_state = base.state_dict()
-        layout = artifact.layout
-        try:
-            layout.check(base_state, "base_module")
-            for entry in layout.entries:
-                if base_state[entry.name].dtype != entry.dtype:
-                    raise ValueError(f"base_module: parameter {entry.name!r} is {base_state[entry.name].dtype}, "
-                                     f"the artifact was merged with {entry.dtype}")
-            if Layout.of(base_state, keep={entry.name for entry in layout.kept}) != layout:
-                raise ValueError("base_module orders or classifies its entries differently")
-            if base_digest(layout, base_state) != artifact.base_sha256:
-                raise ValueError("base_module's values differ from the base the artifact was merged from")
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        return cls(base, artifact)
+    layout = stream.layout
+    packer = MaskPacker(stream.num_models, layout.num_scalars)
+    numerators = torch.zeros(stream.num_models, dtype=torch.float64)
+    denominators = torch.zeros(stream.num_models, dtype=torch.float64)
+    for chunk in stream.chunks():
+        weight = 1.0 if rescale == "paper" else 1.0 / chunk.entry.numel
+        numerators += chunk.taus.abs().sum(1, dtype=torch.float64) * weight
+        tau_uni, masks = elect_and_mask(chunk.taus)
+        stored = tau_uni.to(layout.storage_dtype)
+        write_tau(chunk.offset, stored)
+        denominators += (masks * stored.to(layout.work_dtype).abs_()).sum(1, dtype=torch.float64) * weight
+        packer.append(masks)
+    rescalers = torch.where(denominators > 0, numerators / denominators, 0.0)
+    return packer.finish(), rescalers
 
 
-def _aligned_sources(base: nn.Module, layout: Layout, sources: list[ModelSource], data: object,
-                     method: object) -> list[nn.Module]:
+def _aligned_sources(base: nn.Module, sources: list[ModelSource], data: object, method: object) -> list[nn.Module]:
     try:
         from mudsc_fx.merge import align_models
     except ImportError as err:
@@ -206,65 +89,88 @@ def _aligned_sources(base: nn.Module, layout: Layout, sources: list[ModelSource]
                                   f"which is not available ({err})") from err
     # Private copies: alignment permutes weights, and inputs must not change. The base is the
     # anchor, so every fine-tuned model lands in the basis its task vector is taken in.
-    modules = [as_module(source, index, base, layout) for index, source in enumerate(sources)]
+    stream = open_stream(base, sources)
+    modules = []
+    try:
+        for reader in stream.models:
+            module = copy.deepcopy(base)
+            write_state(module, reader.state_dict())
+            modules.append(module)
+    finally:
+        stream.close()
     aligned = list(align_models([base] + modules, data, method=method))[1:]
     if len(aligned) != len(modules):
         raise ValueError(f"align_models returned {len(aligned)} models for {len(modules)} inputs")
     return aligned
 
 
+def _merge_modules(base: nn.Module, models: Iterable[ModelSource], keep: KeepSpec, options: dict,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, align: object = None, data: object = None) -> EMRModel:
+    rescale = options["rescale"]
+    sources = as_sources(models)
+    base = copy.deepcopy(base)
+    if align is not None:
+        sources = _aligned_sources(base, sources, data, align)
+    stream = open_stream(base, sources, keep, chunk_size)
+    try:
+        layout = stream.layout
+        tau_uni = torch.empty(layout.num_scalars, dtype=layout.storage_dtype)
+        masks, rescalers = run_emr(stream, rescale, lambda offset, values: tau_uni[offset:offset + len(values)].copy_(values))
+        kept = tuple(stream.kept(index) for index in range(stream.num_models))
+        artifact = EMRArtifact(layout, rescale, tau_uni, masks, rescalers, kept, base_digest(layout, stream.base, stream.chunk_size))
+    finally:
+        stream.close()
+    log.info("emr_merge: %d tasks, %d merged scalars, rescale=%s, rescalers=%s",
+             artifact.num_tasks, layout.num_scalars, rescale, [round(r, 4) for r in rescalers.tolist()])
+    return EMRModel(base, artifact)
+
+
+def _merge_files(base: ModelSource, models: Iterable[ModelSource], output: PathLike, keep: KeepSpec, options: dict,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> MergeFileResult:
+    started = time.perf_counter()
+    output = check_output_path(output, (SAFETENSORS_SUFFIX,), "EMR artifact")
+    stream = open_stream(base, models, keep, chunk_size)
+    try:
+        layout = stream.layout
+        kept_dtypes = [{entry.name: reader.specs[entry.name].dtype for entry in layout.kept} for reader in stream.models]
+        metadata = artifact_metadata(layout, stream.num_models, options["rescale"], base_digest(layout, stream.base, stream.chunk_size))
+        with SafetensorsWriter(output, artifact_specs(layout, kept_dtypes), metadata) as out:
+            masks, rescalers = run_emr(stream, options["rescale"], lambda offset, values: out.write("tau_uni", values))
+            for index, reader in enumerate(stream.models):
+                for entry in layout.kept:
+                    for piece in stream.pieces(reader, entry):
+                        out.write(kept_key(index, entry.name), piece)
+            out.write_tensor("masks", masks)
+            out.write("rescalers", rescalers)
+        return file_result("emr", stream, output, options, started, tuple(rescalers.tolist()))
+    finally:
+        stream.close()
+
+
+EMR: TaskVectorMethod = register_method(TaskVectorMethod(
+    "emr", "elect, mask, rescale: one shared task vector, per-task masks and rescalers (Huang et al. 2024)",
+    (Option("rescale", "paper", choice(*RESCALE_MODES),
+            "rescaler statistic: 'paper' (whole-model L1) or 'per_tensor_mean' (the reference scripts)"),),
+    "emr", _merge_modules, _merge_files, (SAFETENSORS_SUFFIX,)))
+
+
 def emr_merge(base: nn.Module, models: Iterable[ModelSource], rescale: str = "paper", keep: KeepSpec = None,
               align: object = None, data: object = None) -> EMRModel:
     """EMR-Merging of models fine-tuned from ``base`` (see the module docstring).
 
-    ``models`` items are modules, state dicts, ``.pt``/``.safetensors`` paths or zero-argument
-    callables returning one; they are loaded lazily, once per pass (two passes). ``keep``
-    (regex, ``callable(name)``, or names) selects per-task entries such as heads. With
-    ``align`` set (act_align, mudsc_align or rebasin), ``mudsc_fx.merge.align_models`` first
-    permutes every fine-tuned model into the base's basis (the base is the anchor and is not
-    changed); this loads all of them at once.
+    ``models`` items are modules, state dicts, checkpoint paths (``.safetensors`` read lazily,
+    chunk by chunk) or zero-argument callables returning one. ``keep`` (regex,
+    ``callable(name)``, or names) selects per-task entries such as heads. With ``align`` set
+    (act_align, mudsc_align or rebasin), ``mudsc_fx.merge.align_models`` first permutes every
+    fine-tuned model into the base's basis (the base is the anchor and is not changed); this
+    loads all of them at once. To write an artifact from checkpoint files without holding the
+    result, use ``merge_checkpoints("emr", ...)``.
 
-    >>> import torch.nn as nn
+    >>> import torch, torch.nn as nn
     >>> torch.manual_seed(0) and None
     >>> base, tuned = nn.Linear(4, 2), nn.Linear(4, 2)
     >>> emr = emr_merge(base, [tuned])
     >>> torch.testing.assert_close(emr.task(0).weight, tuned.weight)
     """
-    if rescale not in RESCALE_MODES:
-        raise ValueError(f"rescale must be one of {RESCALE_MODES}, got {rescale!r}")
-    sources = as_sources(models)
-    base = copy.deepcopy(base)
-    base_state = base.state_dict()
-    layout = Layout.of(base_state, keep)
-    layout.check(base_state, "base")
-    if align is not None:
-        sources = _aligned_sources(base, layout, sources, data, align)
+    return _merge_modules(base, models, keep, EMR.resolve({"rescale": rescale}), align=align, data=data)
 
-    # Pass 1: elect the sign; each task's L1 statistic and kept entries.
-    summed, task_l1, kept = layout.zeros(), [], []
-    for _, tau, heads in iter_task_vectors(sources, layout, base_state, with_kept=True):
-        summed.add_(tau)
-        task_l1.append(_l1(tau, layout, rescale))
-        kept.append(heads)
-    gamma = summed.sign_()
-
-    # Pass 2: tau_t * gamma is |tau_t| where task t agrees with gamma and <= 0 elsewhere.
-    epsilon = layout.zeros()
-    masks = torch.empty((len(sources), (layout.num_scalars + 7) // 8), dtype=torch.uint8)
-    for index, tau, _ in iter_task_vectors(sources, layout, base_state):
-        agreeing = tau.mul_(gamma)
-        masks[index] = pack_mask(agreeing > 0)
-        torch.maximum(epsilon, agreeing.clamp_(min=0), out=epsilon)
-    tau_uni = gamma.mul_(epsilon).to(layout.storage_dtype)
-    del epsilon
-
-    unified = tau_uni.to(layout.work_dtype)
-    rescalers = []
-    for index, numerator in enumerate(task_l1):
-        denominator = _l1(unified * unpack_mask(masks[index], layout.num_scalars), layout, rescale)
-        rescalers.append(numerator / denominator if denominator > 0 else 0.0)
-    artifact = EMRArtifact(layout, rescale, tau_uni, masks, torch.tensor(rescalers, dtype=torch.float64),
-                           tuple(kept), base_digest(layout, base_state))
-    log.info("emr_merge: %d tasks, %d merged scalars, rescale=%s, rescalers=%s",
-             len(sources), layout.num_scalars, rescale, [round(r, 4) for r in rescalers])
-    return EMRModel(base, artifact)

@@ -1,16 +1,19 @@
 """The stored part of an EMR-Merging result, its bit-packed masks and its safetensors format.
 
-File format (``format_version`` 1), one safetensors file:
+File format (``format_version`` 2), one safetensors file:
 
-- tensors: ``tau_uni`` (P,) in the layout's storage dtype; ``masks`` (N, ceil(P/8)) uint8,
-  row t = task t's mask packed with ``numpy.packbits(bitorder="little")`` (bit j of byte b is
-  scalar 8*b + j, padding bits zero); ``rescalers`` (N,) float64; ``kept.{t}.{name}`` for each
-  task t and kept entry ``name``.
+- tensors: ``tau_uni`` (P,) in the layout's storage dtype; ``kept.{t}.{name}`` for each task
+  t and kept entry ``name``; ``masks`` (N, ceil(P/8)) uint8, row t = task t's mask packed with
+  ``numpy.packbits(bitorder="little")`` (bit j of byte b is scalar 8*b + j, padding bits
+  zero); ``rescalers`` (N,) float64.
 - header metadata (all strings): ``format`` = ``"mudsc_fx.emr"``, ``format_version``,
   ``num_tasks``, ``num_scalars`` (P), ``rescale``, ``mask_bitorder`` = ``"little"``,
-  ``layout`` (JSON: merged / kept / copied entries as ``[name, shape, dtype]``, in order) and
+  ``layout`` (JSON: merged / kept / copied entries as ``[name, shape, dtype]``, in order),
   ``base_sha256`` (digest of the base's merged and copied entries; the base is not stored and
-  must be supplied, unchanged, on load).
+  must be supplied, unchanged, on load) and ``tensors_sha256`` (SHA-256 of all tensor data, in
+  file order). Loading recomputes the data checksum; any mismatch is an error.
+
+Version 1 files (no data checksum) are refused: merge again to write version 2.
 """
 
 from __future__ import annotations
@@ -21,19 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 from torch import Tensor
 
-from .sources import Layout, StateDict
+from ..checkpoints import CheckpointError, CheckpointReader, SafetensorsReader, SafetensorsWriter, TensorSpec
+from .layout import Layout
 
-__all__ = ["RESCALE_MODES", "FORMAT", "FORMAT_VERSION", "EMRArtifact", "pack_mask", "unpack_mask",
-           "base_digest", "write_artifact", "read_artifact"]
+__all__ = ["RESCALE_MODES", "FORMAT", "FORMAT_VERSION", "EMRArtifact", "MaskPacker", "pack_mask", "unpack_mask",
+           "base_digest", "artifact_specs", "artifact_metadata", "kept_key", "write_artifact", "read_artifact"]
 
 RESCALE_MODES = ("paper", "per_tensor_mean")
 FORMAT = "mudsc_fx.emr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_DIGEST_CHUNK = 1 << 22
 
 
 def pack_mask(mask: Tensor) -> Tensor:
@@ -47,13 +50,45 @@ def unpack_mask(packed: Tensor, num_bits: int) -> Tensor:
     return torch.from_numpy(bits.view(np.bool_))
 
 
-def base_digest(layout: Layout, base_state: StateDict) -> str:
-    """SHA-256 of the base entries an EMR artifact depends on (merged and copied)."""
+class MaskPacker:
+    """Packs (rows, c) bool chunks, appended in order, into (rows, ceil(bits/8)) uint8 rows.
+
+    Equal to :func:`pack_mask` of each whole row; the < 8 bits that do not fill a byte wait
+    for the next chunk.
+    """
+
+    def __init__(self, rows: int, bits: int):
+        self.packed = torch.zeros((rows, (bits + 7) // 8), dtype=torch.uint8)
+        self._pending = np.zeros((rows, 0), dtype=np.bool_)
+        self._byte = 0
+
+    def append(self, mask: Tensor) -> None:
+        bits = np.concatenate([self._pending, mask.numpy()], axis=1)
+        whole = bits.shape[1] // 8 * 8
+        self._put(np.packbits(bits[:, :whole], axis=1, bitorder="little"))
+        self._pending = bits[:, whole:]
+
+    def _put(self, packed: np.ndarray) -> None:
+        self.packed[:, self._byte:self._byte + packed.shape[1]] = torch.from_numpy(packed)
+        self._byte += packed.shape[1]
+
+    def finish(self) -> Tensor:
+        if self._pending.shape[1]:
+            self._put(np.packbits(self._pending, axis=1, bitorder="little"))
+            self._pending = self._pending[:, :0]
+        if self._byte != self.packed.shape[1]:
+            raise ValueError(f"MaskPacker: {self._byte} of {self.packed.shape[1]} bytes written")
+        return self.packed
+
+
+def base_digest(layout: Layout, base: CheckpointReader, chunk_size: int = _DIGEST_CHUNK) -> str:
+    """SHA-256 of the base entries an EMR artifact depends on (merged and copied), streamed."""
     digest = hashlib.sha256()
     for entry in layout.merged + layout.copied:
-        tensor = base_state[entry.name].detach().cpu().contiguous().reshape(-1)
         digest.update(f"{entry.name}|{entry.dtype}|{entry.shape}|".encode())
-        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+        for start in range(0, entry.numel, chunk_size):
+            piece = base.read(entry.name, start, min(entry.numel, start + chunk_size)).contiguous()
+            digest.update(memoryview(piece.view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -101,41 +136,68 @@ def _expect(tensor: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtyp
         raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
 
 
-def _kept_key(task: int, name: str) -> str:
+def kept_key(task: int, name: str) -> str:
     return f"kept.{task}.{name}"
 
 
+def artifact_specs(layout: Layout, kept_dtypes: list[dict[str, torch.dtype]]) -> list[TensorSpec]:
+    """The artifact's tensors in file order, for ``len(kept_dtypes)`` tasks."""
+    num_tasks, num_scalars = len(kept_dtypes), layout.num_scalars
+    specs = [TensorSpec("tau_uni", (num_scalars,), layout.storage_dtype)]
+    specs += [TensorSpec(kept_key(task, entry.name), entry.shape, dtypes[entry.name])
+              for task, dtypes in enumerate(kept_dtypes) for entry in layout.kept]
+    specs += [TensorSpec("masks", (num_tasks, (num_scalars + 7) // 8), torch.uint8),
+              TensorSpec("rescalers", (num_tasks,), torch.float64)]
+    return specs
+
+
+def artifact_metadata(layout: Layout, num_tasks: int, rescale: str, base_sha256: str) -> dict[str, str]:
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "num_tasks": str(num_tasks),
+            "num_scalars": str(layout.num_scalars), "rescale": rescale, "mask_bitorder": "little",
+            "layout": layout.to_json(), "base_sha256": base_sha256}
+
+
 def write_artifact(artifact: EMRArtifact, path: str | os.PathLike) -> None:
-    """Write ``artifact`` to ``path`` (via a temporary file, then an atomic rename)."""
-    path = Path(path)
-    tensors = {"tau_uni": artifact.tau_uni.contiguous(), "masks": artifact.masks.contiguous(),
-               "rescalers": artifact.rescalers.contiguous()}
-    for task, heads in enumerate(artifact.kept):
-        tensors.update({_kept_key(task, name): tensor.contiguous() for name, tensor in heads.items()})
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "num_tasks": str(artifact.num_tasks), "num_scalars": str(artifact.layout.num_scalars),
-                "rescale": artifact.rescale, "mask_bitorder": "little",
-                "layout": artifact.layout.to_json(), "base_sha256": artifact.base_sha256}
-    partial = path.with_name(path.name + ".partial")
-    safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    """Write ``artifact`` to ``path`` (atomically, with the data checksum)."""
+    specs = artifact_specs(artifact.layout, [{n: t.dtype for n, t in heads.items()} for heads in artifact.kept])
+    metadata = artifact_metadata(artifact.layout, artifact.num_tasks, artifact.rescale, artifact.base_sha256)
+    with SafetensorsWriter(path, specs, metadata) as out:
+        out.write("tau_uni", artifact.tau_uni)
+        for task, heads in enumerate(artifact.kept):
+            for entry in artifact.layout.kept:
+                out.write_tensor(kept_key(task, entry.name), heads[entry.name])
+        out.write_tensor("masks", artifact.masks)
+        out.write("rescalers", artifact.rescalers)
 
 
 def read_artifact(path: str | os.PathLike) -> EMRArtifact:
-    """Read and validate an artifact; ValueError naming ``path`` and the problem otherwise."""
+    """Read, verify (data checksum) and validate an artifact; ValueError naming ``path`` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such EMR artifact file")
     try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors reports corruption with several exception types
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        with SafetensorsReader(path) as reader:
+            metadata = dict(reader.metadata)
+            _check_format(metadata)
+            reader.verify_checksum(required=True)
+            tensors = reader.state_dict()
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     try:
         return _artifact_from(metadata, tensors)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _check_format(metadata: dict[str, str]) -> None:
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"not an EMR-Merging artifact (metadata 'format' is {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(f"unsupported format_version {metadata.get('format_version')!r} "
+                         f"(this version reads {FORMAT_VERSION}; version 1 files carry no checksum: merge again)")
 
 
 def _metadata_int(metadata: dict[str, str], key: str) -> int:
@@ -146,12 +208,6 @@ def _metadata_int(metadata: dict[str, str], key: str) -> int:
 
 
 def _artifact_from(metadata: dict[str, str], tensors: dict[str, Tensor]) -> EMRArtifact:
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"not an EMR-Merging artifact (metadata 'format' is {metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"unsupported format_version {metadata.get('format_version')!r} "
-                         f"(this version reads {FORMAT_VERSION})")
     required = ("num_tasks", "num_scalars", "rescale", "mask_bitorder", "layout", "base_sha256")
     missing = [key for key in required if key not in metadata]
     if missing:
@@ -168,14 +224,14 @@ def _artifact_from(metadata: dict[str, str], tensors: dict[str, Tensor]) -> EMRA
     if num_tasks < 1:
         raise ValueError(f"metadata 'num_tasks' is {num_tasks}")
     expected = {"tau_uni", "masks", "rescalers"} | {
-        _kept_key(task, entry.name) for task in range(num_tasks) for entry in layout.kept}
+        kept_key(task, entry.name) for task in range(num_tasks) for entry in layout.kept}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"tensors do not match the metadata: missing {missing[:8]}, unexpected {unexpected[:8]}")
     if tensors["masks"].dim() != 2 or tensors["masks"].shape[0] != num_tasks:
         raise ValueError(f"tensor 'masks' has shape {tuple(tensors['masks'].shape)}, "
                          f"expected ({num_tasks}, {(num_scalars + 7) // 8})")
-    kept = tuple({entry.name: tensors[_kept_key(task, entry.name)] for entry in layout.kept}
+    kept = tuple({entry.name: tensors[kept_key(task, entry.name)] for entry in layout.kept}
                  for task in range(num_tasks))
     return EMRArtifact(layout, metadata["rescale"], tensors["tau_uni"], tensors["masks"],
                        tensors["rescalers"], kept, metadata["base_sha256"])
