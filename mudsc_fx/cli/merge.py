@@ -165,8 +165,7 @@ def load_data(spec: Optional[str]):
 
 
 def _run_matching(args) -> int:
-    import mudsc_fx as mf
-    from ..merge import method_config
+    from ..merge import Merger, method_config
     from ..sources import load_model
     for given, flag in ((args.base, "--base"), (_given_tv_options(args), "task-vector options"),
                         (args.heads != "auto", "--heads")):
@@ -174,19 +173,22 @@ def _run_matching(args) -> int:
             return fail(f"{flag} applies to the task-vector methods, not --method {args.method}")
     if not args.arch:
         return fail(f"--method {args.method} needs --arch (the model the checkpoints belong to)")
-    method_config(args.method, args.alpha)  # bad alpha / method: before any work
+    config = method_config(args.method, args.alpha)  # bad alpha / method: before any work
     output = check_output_path(args.output, CHECKPOINT_SUFFIXES, "-o")
     data = load_data(args.data)
+    if config.uses_activations and data is None:
+        return fail(f"--method {args.method} matches activations: give calibration inputs with --data")
     states = [read_state_dict(path, f"checkpoint {index}") for index, path in enumerate(args.checkpoints)]
     models = [load_into(load_model(args.arch), state, f"checkpoint {index} ({path})").eval()
               for index, (path, state) in enumerate(zip(args.checkpoints, states))]
     del states
     t0 = time.perf_counter()
     example = None if data is not None else example_input(args.input_shape)
-    merged = mf.merge(models, data, method=args.method, alpha=args.alpha, seed=args.seed,
-                      example_inputs=example, progress=True)
-    write_state_dict(merged.state_dict(), output)
-    print(f"merged {len(models)} models with {args.method} in {time.perf_counter() - t0:.1f}s -> {output}")
+    merger = Merger(models, data, example_inputs=example, progress=True)
+    result = merger.merge(args.method, args.alpha, seed=args.seed)
+    write_state_dict(result.model.state_dict(), output)
+    print(result.summary())
+    print(f"{time.perf_counter() - t0:.1f}s -> {output}")
     return 0
 
 
