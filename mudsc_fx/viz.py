@@ -1,4 +1,5 @@
-"""Pictures of the permutation graph (matplotlib + networkx; no graphviz binary needed)."""
+"""Pictures of the permutation graph (kept for callers of the first API; the views live in
+:mod:`mudsc_fx.views`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,32 +31,9 @@ def space_graph(pg: PermutationGraph):
     return g
 
 
-def render_graph(pg: PermutationGraph, path: str | Path, title: str = "") -> Path:
-    """Draw the space graph to ``path`` (.png, .svg, .pdf): green free, grey fixed,
-    squares for head spaces; node area grows with the number of units."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import networkx as nx
-    g = space_graph(pg)
-    # space ids follow graph order: lay them out left to right, heads above their spaces,
-    # and draw edges as arcs so that skip connections stay visible
-    pos = {}
-    for s in pg.spaces:
-        pos[s.id] = (float(s.id), 1.0 if s.kind == "head" else 0.25 * ((s.id % 3) - 1))
-    fig, ax = plt.subplots(figsize=(min(60, max(8, len(g) * 0.45)), 5))
-    for kind, shape in (("unit", "o"), ("head", "s")):
-        nodes = [n for n, d in g.nodes(data=True) if d["kind"] == kind]
-        nx.draw_networkx_nodes(g, pos, nodelist=nodes, node_shape=shape, ax=ax,
-                               node_color=["#7ccf7c" if g.nodes[n]["free"] else "#c8c8c8" for n in nodes],
-                               node_size=[80 + 4 * min(g.nodes[n]["size"], 300) for n in nodes])
-    nx.draw_networkx_edges(g, pos, ax=ax, arrowsize=8, alpha=0.5, connectionstyle="arc3,rad=0.35")
-    nx.draw_networkx_labels(g, pos, ax=ax, font_size=7,
-                            labels={n: f"S{n}\n{g.nodes[n]['size']}" for n in g.nodes})
-    ax.set_title(title or f"permutation graph: {len(pg.free_spaces)}/{len(pg.spaces)} spaces free, "
-                          f"coverage {pg.coverage():.2f}, {len(pg.barriers)} barriers")
-    ax.axis("off")
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def render_graph(pg, path: str | Path, title: str = "", fold: str = "auto") -> Path:
+    """Draw the permutation graph (or a merge result) to ``path`` (.png, .svg, .pdf): spaces
+    in model order under their module paths, residual streams as bands, heads and groups as
+    blocks, fixed spaces and barriers with their reasons (see :func:`mudsc_fx.views.render`)."""
+    from .views.picture import render
+    return render(pg, path, title=title, fold=fold)

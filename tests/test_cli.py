@@ -23,7 +23,7 @@ def test_inspect_text_json_dot(tmp_path, capsys):
     assert data["coverage"] == 1.0 and any(s["free"] for s in data["spaces"])
     assert main(["inspect", CNN, "--input-shape", "1,3,8,8", "--format", "dot", "-o", str(tmp_path / "g.dot")]) == 0
     assert (tmp_path / "g.dot").read_text().startswith("graph")
-    assert main(["inspect", CNN, "--input-shape", "1,3,8,8", "--format", "dot", "-o", str(tmp_path / "g.png")]) == 0
+    assert main(["inspect", CNN, "--input-shape", "1,3,8,8", "-o", str(tmp_path / "g.png")]) == 0  # format from the suffix
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,13 +1,12 @@
 """The frozen result of inference: spaces, members, barriers, and views of them."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 import torch.fx as fx
 
-from .layout import Layout, Plain, describe, leaf_units, spaces_of
+from .layout import Layout, Plain, leaf_units, spaces_of
 
 
 @dataclass(frozen=True)
@@ -162,79 +161,33 @@ class PermutationGraph:
                     free += n
         return free / total if total else 1.0
 
-    # -- views ------------------------------------------------------------------------
+    # -- views (mudsc_fx/views/) -------------------------------------------------------
     def summary(self) -> str:
-        lines = [f"PermutationGraph: {len(self.spaces)} spaces ({len(self.free_spaces)} free), "
-                 f"{len(self.members)} members, {len(self.barriers)} barriers, coverage {self.coverage():.3f}"]
-        lines.append(f"{'space':>6} {'size':>6} {'kind':<5} {'structure':<18} {'status':<7} members")
-        for s in self.spaces:
-            struct = "-" if s.blocks is None else f"blocks{s.blocks} H{s.head}" + (" within=id" if s.within != "free" else "")
-            status = "free" if self.is_free(s.id) else "fixed"
-            mem = ", ".join(f"{m.fqn}[{m.axis}]{'' if m.role == 'out' else '<in>'}" for m in s.members[:6])
-            if len(s.members) > 6:
-                mem += f", ... (+{len(s.members) - 6})"
-            lines.append(f"{'S' + str(s.id):>6} {s.size:>6} {s.kind:<5} {struct:<18} {status:<7} {mem}")
-            if s.fixed and s.fixed_by:
-                lines.append(f"{'':>6} fixed by: {'; '.join(sorted(s.fixed_by)[:3])}")
-        if self.barriers:
-            lines.append("barriers:")
-            for b in self.barriers:
-                lines.append(f"  {b.node} ({b.op}): {b.reason}")
-        return "\n".join(lines)
+        """One line per space: size, structure, status, where in the model, members."""
+        from ..views.text import summary
+        return summary(self)
+
+    def explain(self, param: str) -> str:
+        """Where parameter ``param`` lives: each governed axis, its space, and why that space
+        is or is not free."""
+        from ..views.text import explain
+        return explain(self, param)
 
     def to_dict(self) -> dict:
-        return {
-            "coverage": self.coverage(),
-            "spaces": [{
-                "id": s.id, "size": s.size, "kind": s.kind, "free": self.is_free(s.id), "fixed": s.fixed,
-                "fixed_by": list(s.fixed_by), "blocks": list(s.blocks) if s.blocks else None,
-                "head": s.head, "within": s.within,
-                "members": [{"param": m.fqn, "axis": m.axis, "role": m.role, "groups": m.groups,
-                             "layout": describe(m.layout)} for m in s.members],
-            } for s in self.spaces],
-            "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in self.barriers],
-            "tied_params": [list(a) for a in self.aliases],
-        }
+        from ..views.text import to_dict
+        return to_dict(self)
 
     def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        from ..views.text import to_json
+        return to_json(self, indent)
 
     def to_networkx(self):
         """Bipartite graph: space nodes ("S3") and parameter nodes ("p:layer1.weight"),
-        edges labelled with axis and role; barrier nodes ("b:node") link to the spaces they fix."""
-        import networkx as nx
-        g = nx.MultiGraph()
-        for s in self.spaces:
-            g.add_node(f"S{s.id}", kind="space", size=s.size, free=self.is_free(s.id),
-                       blocks=s.blocks, head=s.head)
-            if s.head is not None:
-                g.add_edge(f"S{s.id}", f"S{s.head}", kind="head")
-        for m in self.members:
-            g.add_node(f"p:{m.fqn}", kind="param")
-            for sid in set(spaces_of(m.layout)):
-                g.add_edge(f"p:{m.fqn}", f"S{sid}", axis=m.axis, role=m.role, layout=describe(m.layout))
-        for b in self.barriers:
-            g.add_node(f"b:{b.node}", kind="barrier", op=b.op, reason=b.reason)
-        return g
+        edges labelled with axis and role; barrier nodes ("b:node") carry their reason."""
+        from ..views.text import to_networkx
+        return to_networkx(self)
 
     def to_dot(self) -> str:
-        """Graphviz DOT: spaces as boxes (green free, grey fixed), parameters as ellipses."""
-        out = ["graph permutation_graph {", '  rankdir=LR; node [fontsize=10];']
-        for s in self.spaces:
-            color = "palegreen" if self.is_free(s.id) else "lightgrey"
-            struct = "" if s.blocks is None else f"\\nblocks {s.blocks[0]}x{s.blocks[1]}"
-            out.append(f'  S{s.id} [shape=box, style=filled, fillcolor={color}, '
-                       f'label="S{s.id} ({s.kind})\\nn={s.size}{struct}"];')
-            if s.head is not None:
-                out.append(f'  S{s.id} -- S{s.head} [style=dashed, label="heads"];')
-        for fqn in dict.fromkeys(m.fqn for m in self.members):
-            out.append(f'  "{fqn}" [shape=ellipse];')
-        for m in self.members:
-            for sid in sorted(set(spaces_of(m.layout))):
-                style = "solid" if m.role == "out" else "dotted"
-                out.append(f'  "{m.fqn}" -- S{sid} [style={style}, label="{m.axis}"];')
-        for b in self.barriers:
-            out.append(f'  "barrier:{b.node}" [shape=octagon, style=filled, fillcolor=salmon, '
-                       f'label="{b.node}\\n{b.op}"];')
-        out.append("}")
-        return "\n".join(out)
+        """Graphviz DOT text (no graphviz needed to produce it)."""
+        from ..views.text import to_dot
+        return to_dot(self)

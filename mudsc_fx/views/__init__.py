@@ -1,0 +1,17 @@
+"""Views of a permutation graph (or of a merge result): text, JSON, DOT, a picture and an
+interactive HTML page, all naming spaces the same way and saying why each is or is not free.
+
+>>> # import mudsc_fx as mf
+>>> # pg = mf.infer(model, example)
+>>> # print(pg.explain("layer2.0.conv1.weight"))       # its spaces and why
+>>> # mf.views.render(pg, "graph.png")                   # the picture (.png / .svg / .pdf)
+>>> # mf.views.write_html(pg, "graph.html")              # the page (zoom, search, details)
+>>> # mf.views.write_html(mf.merge(models, data, return_result=True), "merge.html")
+"""
+from .explain import param_facts, param_report, space_status
+from .html import to_html, write_html
+from .picture import build as build_scene, draw, render
+from .text import explain, summary, to_dict, to_dot, to_json, to_networkx
+
+__all__ = ["render", "draw", "build_scene", "write_html", "to_html", "summary", "explain", "to_dict", "to_json",
+           "to_dot", "to_networkx", "param_facts", "param_report", "space_status"]
