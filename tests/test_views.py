@@ -272,7 +272,7 @@ def test_inspect_html_picture_and_param(tmp_path, capsys):
 def _merge(models, data, method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return mf.merge(models, data, method=method, reset_bn=False, return_result=True)
+        return mf.Merger(models, data).merge(method, reset_bn=False)
 
 
 def _data(seed=0):
@@ -321,7 +321,7 @@ def test_page_of_a_merge_result(tmp_path):
     torch.manual_seed(4)
     res = _merge([mlp4().eval(), mlp4().eval()], _data(), "zipit")
     data = check_page(res.graph, views.write_html(res, tmp_path / "m.html").read_text())
-    assert data["merge"]["config"] == "match zip, alpha 0"
+    assert data["merge"]["config"] == "zipit (match zip, alpha 0)"
     matches = space_matches(res)
     for rec in data["spaces"]:
         m = matches[rec["id"]]

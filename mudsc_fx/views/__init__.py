@@ -6,7 +6,7 @@ interactive HTML page, all naming spaces the same way and saying why each is or 
 >>> # print(pg.explain("layer2.0.conv1.weight"))       # its spaces and why
 >>> # mf.views.render(pg, "graph.png")                   # the picture (.png / .svg / .pdf)
 >>> # mf.views.write_html(pg, "graph.html")              # the page (zoom, search, details)
->>> # mf.views.write_html(mf.merge(models, data, return_result=True), "merge.html")
+>>> # mf.views.write_html(mf.Merger(models, data).merge("zipit"), "merge.html")
 """
 from .explain import param_facts, param_report, space_status
 from .html import to_html, write_html

@@ -162,7 +162,7 @@ def write_html(source: Any, path: str | Path, **kw: Any) -> Path:
     ``.alignment`` and ``.stats``) to ``path``.
 
     >>> # mf.views.write_html(mf.infer(model, x), "graph.html")
-    >>> # mf.views.write_html(mf.merge(models, data, return_result=True), "merge.html")
+    >>> # mf.views.write_html(mf.Merger(models, data).merge("zipit"), "merge.html")
     """
     path = Path(path)
     path.write_text(to_html(source, **kw), encoding="utf-8")

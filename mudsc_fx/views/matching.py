@@ -99,9 +99,12 @@ def space_matches(result: Any) -> dict[int, SpaceMatch]:
 
 
 def describe_config(result: Any) -> str:
+    """``zipit (match zip, alpha 0)``: the method of a merge result and how it matched."""
     cfg = getattr(result, "config", None)
+    method = getattr(result, "method", "") or ""
     if cfg is None:
-        return ""
+        return method
     match = getattr(cfg, "match", None) or "average"
     alpha = getattr(cfg, "alpha", None)
-    return f"match {match}" + (f", alpha {alpha:g}" if match != "average" and alpha is not None else "")
+    how = f"match {match}" + (f", alpha {alpha:g}" if match != "average" and alpha is not None else "")
+    return f"{method} ({how})" if method else how
