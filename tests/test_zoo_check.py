@@ -93,16 +93,19 @@ def test_parallel_run_equals_serial_run_and_in_process_checks(tiny_baseline):
 
 
 def test_broken_hanging_and_growing_models_are_reported_and_the_sweep_goes_on():
-    own_rss_gb = _own_rss_gb()
-    limits = Limits(seconds=15, memory_gb=own_rss_gb + 0.3)   # memory_hog touches 1 GiB more
     seen = []
-    results = check_zoo(zoo(TROUBLED), jobs=2, limits=limits, on_result=lambda r: seen.append(r.model))
+    results = check_zoo(zoo(TROUBLED, only="mlp,broken,sleeper,residual"), jobs=2, limits=Limits(seconds=5),
+                        on_result=lambda r: seen.append(r.model))
     by = {r.model: r for r in results}
-    assert [r.model for r in results] == seen == ["mlp", "broken", "sleeper", "memory_hog", "residual"]
+    assert [r.model for r in results] == seen == ["mlp", "broken", "sleeper", "residual"]
     assert by["mlp"].status == by["residual"].status == "ok"
     assert by["broken"].status == "error" and "broken on purpose" in by["broken"].error
     assert by["sleeper"].status == "error" and by["sleeper"].error.startswith("time limit")
-    assert by["memory_hog"].status == "error" and by["memory_hog"].error.startswith("memory limit")
+    # memory_hog touches 1 GiB more than this process holds; the guard stops it first
+    limits = Limits(seconds=600, memory_gb=_own_rss_gb() + 0.3)
+    [mlp, hog] = check_zoo(zoo(TROUBLED, only="memory_hog,mlp"), jobs=2, limits=limits)
+    assert hog.status == "error" and hog.error.startswith("memory limit"), hog.error
+    assert mlp.status == "ok"
 
 
 def _own_rss_gb() -> float:
@@ -126,6 +129,28 @@ def test_weights_do_not_depend_on_what_ran_before():
     first = check_model(e)
     torch.randn(1000)   # move the global generator
     assert first.outcome() == check_model(e).outcome()
+
+
+def test_permuting_through_slices_equals_permuting_whole_tensors(monkeypatch):
+    """apply_permutations permutes big tensors in place through slices (a float64 proof of VGG
+    then fits in 4 GB); with tiny slices it must give exactly what whole-tensor transforms give."""
+    import copy
+    import numpy as np
+    import mudsc_fx as mf
+    from mudsc_fx.passes import apply
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.ReLU(),
+                          nn.Linear(10, 3))
+    x = torch.randn(2, 3, 6, 6)
+    pg = mf.infer(model, x)
+    perms = apply.random_permutations(pg, np.random.default_rng(0))
+    whole = copy.deepcopy(model)
+    apply.load_tensors(whole, apply.transform_params(pg, apply.named_tensors(whole), apply.permutation_op(perms)))
+    monkeypatch.setattr(apply, "_SLICE_BYTES", 16)
+    sliced = apply.apply_permutations(model, pg, perms)
+    for (k, a), b in zip(whole.state_dict().items(), sliced.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(sliced[3].weight, model[3].weight)   # the flatten (kron) axis moved
+    torch.testing.assert_close(sliced(x), model(x))
 
 
 # -- baselines ------------------------------------------------------------------------------

@@ -95,9 +95,29 @@ def apply_permutations(model: nn.Module, pg: PermutationGraph, perms: Mapping[in
     out = copy.deepcopy(model)
     tensors, op = named_tensors(out), permutation_op(perms)
     with torch.no_grad():
-        for fqn, members in members_by_fqn(pg).items():   # one tensor at a time: no second model copy
-            tensors[fqn].copy_(transform_tensor(tensors[fqn], members, op, pg.size))
+        for fqn, members in members_by_fqn(pg).items():
+            _permute_in_place(tensors[fqn], members, op, pg.size)
     return out
+
+
+_SLICE_BYTES = 64 << 20
+
+
+def _permute_in_place(t: torch.Tensor, members: tuple[Member, ...], op: SpaceOp,
+                      space_size: Callable[[int], int]) -> None:
+    """Permute ``t`` axis by axis through slices of at most ~64 MB along another axis: a
+    permuted copy of a model then costs one model, not one model plus a few copies of its
+    largest tensor (VGG's first classifier layer is 0.8 GB in float64)."""
+    if any(m.groups > 1 for m in members) or t.dim() < 2 or t.numel() * t.element_size() <= _SLICE_BYTES:
+        t.copy_(transform_tensor(t, members, op, space_size))
+        return
+    for m in members:
+        other = max((d for d in range(t.dim()) if d != m.axis), key=lambda d: t.shape[d])
+        step = max(1, t.shape[other] * _SLICE_BYTES // (t.numel() * t.element_size()))
+        for start in range(0, t.shape[other], step):
+            part = t.narrow(other, start, min(step, t.shape[other] - start))
+            part.copy_(transform_axis(part, m.axis, m.layout, lambda s, x, ax, _r=m.role: op(s, x, ax, _r),
+                                      space_size))
 
 
 def _non_identity(rng: np.random.Generator, n: int) -> np.ndarray:

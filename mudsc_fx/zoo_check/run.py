@@ -168,7 +168,7 @@ class _Pool:
     def _start(self, index: int) -> _Job:
         receiver, sender = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_worker, args=(sender, self.entries[index], self.seed,
-                                                      self.limits.max_params),
+                                                      self.limits.max_params, os.getpid()),
                                 name=f"mudsc-fx check {self.entries[index].name}", daemon=True)
         proc.start()
         sender.close()
@@ -194,7 +194,7 @@ class _Pool:
         limit = self.limits.memory_gb * 2**30
         if rss > limit:
             return self._kill(job, entry, f"memory limit: the worker reached {rss / 2**30:.2f} GB RSS "
-                                          f"(limit {self.limits.memory_gb:g} GB)")
+                                          f"(limit {self.limits.memory_gb:.2f} GB)")
         if elapsed > self.limits.seconds:
             return self._kill(job, entry, f"time limit: still running after {elapsed:.0f} s "
                                           f"(limit {self.limits.seconds:g} s)")
@@ -250,7 +250,8 @@ def _expected(entry: ZooEntry, cost: Mapping[str, float]) -> float:
     return (entry.n_params or 0) * 1e-6   # ~1 s per million parameters
 
 
-def _worker(conn, entry: ZooEntry, seed: int, max_params: int) -> None:
+def _worker(conn, entry: ZooEntry, seed: int, max_params: int, parent: int) -> None:
+    _die_with(parent)
     torch.set_num_threads(1)
     try:
         result = check_model(entry, seed, max_params)
@@ -260,6 +261,19 @@ def _worker(conn, entry: ZooEntry, seed: int, max_params: int) -> None:
         log.debug("worker for %s failed:\n%s", entry.name, traceback.format_exc())
     conn.send(payload)
     conn.close()
+
+
+def _die_with(parent: int) -> None:
+    """A worker must not outlive a parent that was killed (a cancelled CI job): Linux delivers
+    SIGKILL to it when the parent dies."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the parent died before the request
+        os._exit(1)
 
 
 def _status_kb(pid, key: str) -> int:
