@@ -144,19 +144,22 @@ class ZooEntry:
             return example_from_shape(tuple(ex), seed)
         return ex
 
-    def describe_input(self) -> str:
+    def describe_input(self, built: Any = None) -> str:
+        """The example's shapes, e.g. ``1x3x224x224`` (``built``: the inputs, when a function makes them)."""
         if isinstance(self.example, (tuple, list)) and all(isinstance(v, int) for v in self.example):
             return "x".join(map(str, self.example))
-        return "custom" if callable(self.example) else _describe(self.example)
+        if callable(self.example) and not isinstance(self.example, nn.Module):
+            return "(built by a function)" if built is None else describe_inputs(built)
+        return describe_inputs(self.example)
 
 
-def _describe(ex: Any) -> str:
+def describe_inputs(ex: Any) -> str:
     if isinstance(ex, torch.Tensor):
         return "x".join(map(str, ex.shape))
     if isinstance(ex, dict):
-        return ",".join(f"{k}={_describe(v)}" for k, v in ex.items())
+        return ",".join(f"{k}={describe_inputs(v)}" for k, v in ex.items())
     if isinstance(ex, (tuple, list)):
-        return ",".join(_describe(v) for v in ex)
+        return ",".join(describe_inputs(v) for v in ex)
     return type(ex).__name__
 
 

@@ -72,7 +72,7 @@ def check_model(entry: ZooEntry, seed: int = 0, max_params: int = Limits.max_par
     status = "ok" if rep.ok else ("error" if rep.error else "FAIL")
     pg = rep.graph
     return ModelResult(
-        entry.name, status, entry.describe_input(), n_params, rep.n_spaces, rep.n_free,
+        entry.name, status, entry.describe_input(example), n_params, rep.n_spaces, rep.n_free,
         round(rep.coverage, 4), rep.max_abs_err, rep.tolerance,
         tuple(f"{b.node} ({b.op})" for b in rep.barriers),
         free_space_signatures(pg) if pg is not None else (), rep.error,
