@@ -18,7 +18,7 @@ import numbers
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -29,6 +29,7 @@ from .ir.trace import as_input_tuple, eval_mode, untouched
 from .passes.apply import apply_permutations, named_tensors
 from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer
+from .passes.partial import Cut, build_partial, cost_report, find_cut, trunk_params
 from .passes.rewrite import rewrite
 from .passes.solve import Alignment, MatchConfig, solve
 from .passes.stats import Statistics, collect_stats, default_input_fn
@@ -155,6 +156,8 @@ class MergeResult:
     alpha: Optional[float] = None
     verification: Optional[Verification] = None
     alpha_scores: dict[float, float] = field(default_factory=dict)
+    cut: Optional[Cut] = None
+    cost: Optional[dict[str, float]] = None
 
     @property
     def coverage(self) -> float:
@@ -347,13 +350,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None) -> nn.Module:
+def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None, *,
+             within: Optional[nn.Module] = None) -> nn.Module:
     """Recompute BatchNorm running statistics on ``data`` (cumulative average), in place;
-    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged.
+    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged. With
+    ``within``, only the BatchNorm layers inside that submodule are reset (the forward still
+    runs the whole model).
 
     >>> # merged = mf.reset_bn(merged, loader)
     """
-    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [(name, m) for name, m in (within or model).named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
     input_fn = input_fn or default_input_fn
@@ -361,7 +368,9 @@ def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = No
     for _, m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+    model.eval()  # dropout and friends stay off: only the statistics are recomputed
+    for _, m in bns:
+        m.train()
     n = 0
     try:
         with torch.no_grad():
@@ -434,6 +443,7 @@ class Merger:
                 if self.verification.failing_spaces:
                     warnings.warn(_frozen_message(graph, self.verification.failing_spaces), stacklevel=2)
         self.graph = graph
+        self.example = example
         self._tensors = [named_tensors(m) for m in self.models]
         self._stats: Optional[Statistics] = None
         log.info("merge: %d spaces (%d free), coverage %.3f, %d barriers", len(graph.spaces),
@@ -452,30 +462,49 @@ class Merger:
         return self._stats
 
     def merge(self, method: Optional[str] = None, alpha: Optional[float] = None, *, reset_bn: bool = True,
-              seed: int = 0, match: Optional[str] = None, **options: Any) -> MergeResult:
-        """Merge with one method (a preset of PRESETS) and alpha; ``options``: MatchConfig fields."""
+              seed: int = 0, match: Optional[str] = None, stop_at: Union[str, float, None] = None,
+              combine: Union[str, Callable, None] = None, **options: Any) -> MergeResult:
+        """Merge with one method (a preset of PRESETS) and alpha; ``options``: MatchConfig fields.
+
+        ``stop_at`` (partial zipping): merge only up to a node or module name, or a fraction of
+        the FLOPs; the result runs the merged trunk once and each model's own tail, returning
+        the N tails' outputs, or ``combine`` of them ("sum_softmax", "mean_logits", "concat" or a
+        callable). BatchNorm is reset in the trunk only; ``MergeResult.cost`` gives its size."""
         cfg = method_config(method, alpha, match, **options)
         method = method or (_FAMILY[match][1] if match else "mudsc_zip")
         seed = _check_int("seed", seed)
         _check_bool("reset_bn", reset_bn)
+        graph, cut = self.graph, None
+        if stop_at is not None:
+            cut = find_cut(self.graph, stop_at, _small_example(self.example))
+            read = trunk_params(self.graph, cut)
+            after = [s for group in graph.motion_groups()  # groups move together: all or nothing
+                     if not any(m.fqn in read for s in group for m in graph.spaces[s].members) for s in group]
+            graph = graph.freeze(after, "after the cut (kept per model)")
+        elif combine is not None:
+            raise ValueError("combine= applies to partial merges (stop_at=...)")
         seconds = dict(self.seconds)
         stats = self.statistics() if cfg.uses_activations else None
         seconds["statistics"] = self.seconds.get("statistics", 0.0) if stats is not None else 0.0
         with eval_mode(*self.models):
             t = time.perf_counter()
-            alignment = solve(self.graph, stats, self._tensors, cfg, seed)
+            alignment = solve(graph, stats, self._tensors, cfg, seed)
             seconds["solve"] = time.perf_counter() - t
             t = time.perf_counter()
-            merged = rewrite(list(self.models), self.graph, alignment)
+            merged = rewrite(list(self.models), graph, alignment)
+            if cut is not None:
+                merged = build_partial(self.models, graph, alignment, merged, cut, combine)
             seconds["rewrite"] = time.perf_counter() - t
         t = time.perf_counter()
         merged.eval()
         if reset_bn and self.data is not None and has_batchnorm(merged):
-            globals()["reset_bn"](merged, self.data, self.input_fn)
+            within = merged.trunk if cut is not None else None
+            globals()["reset_bn"](merged, self.data, self.input_fn, within=within)
         seconds["reset_bn"] = time.perf_counter() - t
+        cost = None if cut is None else cost_report(self.graph, merged, _small_example(self.example))
         log.info("merge %s: %s", method, ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
-        return MergeResult(merged, self.graph, alignment, stats, seconds, cfg, method,
-                           cfg.alpha if cfg.match is not None else None, self.verification)
+        return MergeResult(merged, graph, alignment, stats, seconds, cfg, method,
+                           cfg.alpha if cfg.match is not None else None, self.verification, cut=cut, cost=cost)
 
 
 def _frozen_message(graph: PermutationGraph, spaces: tuple[int, ...]) -> str:
@@ -510,11 +539,12 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     """
     staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress")
               if k in options}
+    partial = {k: options.pop(k) for k in ("stop_at", "combine") if k in options}
     cfg = method_config(method, alpha, match, **options)  # option errors before any work
     if cfg.uses_activations and data is None:
         raise ValueError(f"method {method or 'mudsc_zip'!r} uses activations: pass calibration data")
     merger = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged)
-    return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **options).model
+    return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **partial, **options).model
 
 
 def align_models(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: str = "act_align",

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional
+from functools import cached_property
+from typing import Iterable, Optional, Union
 
 import torch.fx as fx
 
@@ -44,6 +45,18 @@ class Barrier:
 
 
 @dataclass(frozen=True)
+class Structured:
+    """An activation axis that is not a layout of units: ``kind`` "within" (the within-block
+    index of blocked space ``spaces[0]``, beside its head axis) or "parts" (an axis that
+    enumerates the parts of a fused projection, one space per part)."""
+    kind: str
+    spaces: tuple[int, ...]
+
+
+AxisLayout = Optional[Union[Layout, Structured]]
+
+
+@dataclass(frozen=True)
 class Space:
     """A set of units that share one permutation (per model).
 
@@ -80,6 +93,16 @@ class PermutationGraph:
     params: tuple[str, ...]                       # canonical fqns of all floating params/buffers
     aliases: tuple[tuple[str, str], ...]          # (tied fqn, canonical fqn)
     gm: fx.GraphModule = field(repr=False, compare=False)
+    # per tensor-valued node of ``gm``: the layout of each axis of its value (None = fixed)
+    values: tuple[tuple[str, tuple[AxisLayout, ...]], ...] = field(default=(), repr=False, compare=False)
+
+    @cached_property
+    def _value_index(self) -> dict[str, tuple[AxisLayout, ...]]:
+        return dict(self.values)
+
+    def value_layout(self, node: str) -> Optional[tuple[AxisLayout, ...]]:
+        """The axis layouts of node ``node``'s value (None for a non-tensor node)."""
+        return self._value_index.get(node)
 
     # -- queries ----------------------------------------------------------------------
     def size(self, s: int) -> int:

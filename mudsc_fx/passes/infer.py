@@ -15,10 +15,10 @@ from typing import Any, Iterable, Optional
 import torch.fx as fx
 from torch import nn
 
-from ..ir.graph import Member, PermutationGraph, Space, Tap
+from ..ir.graph import AxisLayout, Member, PermutationGraph, Space, Structured, Tap
 from ..ir.layout import Fixed, Layout, Plain, map_spaces, spaces_of
 from ..ir.trace import TensorValue, trace, value_of
-from ..rules.context import InferContext, NotATensor, ParamUse, TensorLabel, Within, fixed_label, op_name
+from ..rules.context import InferContext, NotATensor, ParamUse, Parts, TensorLabel, Within, fixed_label, op_name
 from ..rules.table import lookup_rule, rule_name
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,28 @@ def _freeze(ctx: InferContext) -> PermutationGraph:
     n_in = len(ctx.in_taps)
     out_taps = tuple(Tap(n, a, renum(l), p) for (n, a, l, p) in taps[n_in:] if not isinstance(l, Fixed))
     in_taps = tuple(Tap(n, a, renum(l), p) for (n, a, l, p) in taps[:n_in] if not isinstance(l, Fixed))
+    values = tuple((node.name, tuple(_axis_layout(T, a, order) for a in lab.axes))
+                   for node, lab in ctx.labels.items() if isinstance(lab, TensorLabel))
     floating = tuple(dict.fromkeys(ctx.canonical[n] for n, t in ctx.tensors.items() if t.is_floating_point()))
     aliases = tuple((n, c) for n, c in ctx.canonical.items() if n != c)
     return PermutationGraph(
         spaces=tuple(spaces), members=tuple(members), barriers=tuple(ctx.barriers),
         in_taps=in_taps, out_taps=out_taps,
         producers=tuple((n, renum(l)) for n, l in prods),
-        params=floating, aliases=aliases, gm=ctx.gm)
+        params=floating, aliases=aliases, gm=ctx.gm, values=values)
+
+
+def _axis_layout(T, label: Any, order: dict[int, int]) -> AxisLayout:
+    """A value axis in frozen terms; spaces the graph does not number (no member, tap or
+    producer: nothing a merge could move) are fixed indices."""
+    label = T.resolve_label(label)
+    if label is None:
+        return None
+    if isinstance(label, (Within, Parts)):
+        spaces = (label.space,) if isinstance(label, Within) else label.spaces
+        roots = [T.find(s) for s in spaces]
+        if not all(r in order for r in roots):
+            return None
+        return Structured("within" if isinstance(label, Within) else "parts", tuple(order[r] for r in roots))
+    out = map_spaces(label, lambda s: Plain(order[T.find(s)]) if T.find(s) in order else Fixed(T.space_size(s)))
+    return None if isinstance(out, Fixed) else out
