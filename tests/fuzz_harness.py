@@ -1,0 +1,305 @@
+"""Run generated models through inference and the proof, judge the outcome, shrink failures.
+
+Outcomes of one model (:func:`run_program`):
+
+- ``proven``: ``mf.check`` passes for every seed, every free space alone passes the
+  single-space oracle, and every op no rule may know is a barrier.
+- ``clear_error``: inference or the check raised a ValueError / TypeError from mudsc_fx code
+  whose message names something of the model (a node, op, parameter or module).
+- ``unclear_error``: any other exception (a raw torch error from deep inside, a KeyError...).
+- ``wrong_proof``: the inferred graph claims a symmetry the model does not have: the check
+  fails for some seed, or permuting one free space alone (a random non-identity valid
+  permutation) changes the outputs, or (optionally) merging the model with a permuted copy
+  of itself does not give the model back.
+- ``missing_barrier``: an op without a rule (a wrapped function, a leaf module) passed
+  through silently.
+
+:func:`shrink` drops steps of a failing program while the failure keeps its kind.
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+import mudsc_fx as mf
+from mudsc_fx.passes.apply import (apply_permutations, load_tensors, named_tensors, permutation_op,
+                                   transform_params)
+from mudsc_fx.passes.check import perturb_
+
+from fuzz_models import (DEFAULT, LEAF_MODULES, Profile, GenerationFailed, Program, build, bypass, describe, drop_input,
+                         generate_model, prune)
+from fuzz_ops import OPS
+
+FAILURES = ("unclear_error", "wrong_proof", "missing_barrier")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    seed: int
+    status: str                    # proven | clear_error | unclear_error | wrong_proof | missing_barrier
+    detail: str = ""
+    ops: tuple[str, ...] = ()
+    n_free: int = 0
+    n_barriers: int = 0
+    coverage: float = 0.0
+    families: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILURES
+
+
+# ---------------------------------------------------------------------------------------------
+# oracles
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)]
+
+
+def _max_err(a, b) -> tuple[float, float]:
+    err = scale = 0.0
+    for x, y in zip(_flat(a), _flat(b)):
+        if x.is_floating_point():
+            err = max(err, float((x - y).abs().max()))
+            scale = max(scale, float(x.abs().max()))
+        elif not torch.equal(x, y):
+            err = float("inf")
+    return err, scale
+
+
+def _non_identity(rng: np.random.Generator, n: int) -> np.ndarray:
+    while True:
+        p = rng.permutation(n)
+        if n < 2 or (p != np.arange(n)).any():
+            return p
+
+
+def single_space_permutations(pg: mf.PermutationGraph, rng: np.random.Generator):
+    """(description, perms): for each free space alone, a random non-identity valid permutation
+    (a head space moves the blocks of every space tied to it; a blocked unit space permutes
+    within its blocks only)."""
+    for s in pg.spaces:
+        if not pg.is_free(s.id):
+            continue
+        if s.kind == "head":
+            tied = [t for t in pg.spaces if t.head == s.id and t.blocks is not None]
+            if s.fixed or s.size < 2:
+                continue
+            sigma = _non_identity(rng, s.size)
+            perms = {s.id: sigma}  # members laid out by the head space itself (per-head tensors)
+            for t in tied:
+                G, g = t.blocks
+                perms[t.id] = np.concatenate([sigma[b] * g + np.arange(g) for b in range(G)])
+            yield f"head space S{s.id} (size {s.size}, ties {[t.id for t in tied]})", perms
+        elif s.blocks is None:
+            yield f"space S{s.id} (size {s.size})", {s.id: _non_identity(rng, s.size)}
+        elif s.within == "free" and s.blocks[1] > 1:
+            G, g = s.blocks
+            within = np.concatenate([b * g + _non_identity(rng, g) for b in range(G)])
+            yield f"space S{s.id} within blocks {s.blocks}", {s.id: within}
+
+
+def _space_text(pg: mf.PermutationGraph, perms: dict) -> str:
+    parts = []
+    for sid in perms:
+        sp = pg.spaces[sid]
+        mem = ", ".join(f"{m.fqn}[{m.axis}]{'' if m.role == 'out' else '<in>'}" for m in sp.members[:6])
+        parts.append(f"S{sid} members: {mem or '(none)'}")
+    return "; ".join(parts)
+
+
+def _double_inputs(inputs):
+    return tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
+def single_space_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-7) -> Optional[str]:
+    """None if permuting each free space alone keeps the outputs; else what failed. One float64
+    copy is permuted in place and restored per space (no copy per space)."""
+    ref = copy.deepcopy(model).double().eval()
+    perturb_(ref, seed)
+    work = copy.deepcopy(ref)
+    orig = {k: t.clone() for k, t in named_tensors(ref).items()}
+    x = _double_inputs(inputs)
+    with torch.no_grad():
+        base = ref(*x)
+        for what, perms in single_space_permutations(pg, np.random.default_rng(seed)):
+            new = transform_params(pg, orig, permutation_op(perms))
+            load_tensors(work, new)
+            err, scale = _max_err(base, work(*x))
+            load_tensors(work, {k: orig[k] for k in new})
+            if not err <= rtol * max(1.0, scale):
+                return f"permuting {what} alone changes the outputs by {err:.3g}: {_space_text(pg, perms)}"
+    return None
+
+
+def merge_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-4) -> Optional[str]:
+    """None if ``mf.merge([model, permuted copy], act_align)`` gives back the model."""
+    rng = np.random.default_rng(seed)
+    perms = mf.random_permutations(pg, rng)
+    if not perms:
+        return None
+    permuted = apply_permutations(model, pg, perms).eval()
+    data = [inputs[0] if len(inputs) == 1 else inputs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = mf.merge([model, permuted], data, method="act_align", reset_bn=False,
+                          input_fn=lambda b: b, leaf_modules=LEAF_MODULES).eval()
+    with torch.no_grad():
+        err, scale = _max_err(model(*inputs), merged(*inputs))
+    if not err <= rtol * max(1.0, scale):
+        return f"merging the model with a permuted copy of itself changes the outputs by {err:.3g}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+def _names(model, pg_or_none=None) -> set[str]:
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    names |= {n for n, _ in model.named_modules() if n}
+    names |= {n for n in vars(model) if n.startswith("s") and "_" in n}
+    try:
+        import torch.fx as fx
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = fx.symbolic_trace(model)
+        names |= {n.name for n in gm.graph.nodes}
+    except Exception:
+        pass
+    return {n for n in names if len(n) > 2}
+
+
+def classify_error(e: BaseException, model) -> tuple[str, str]:
+    """('clear_error' | 'unclear_error', one-line text)."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f"{tb[-1].filename.split('site-packages/')[-1]}:{tb[-1].lineno}" if tb else "?"
+    text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (raised at {where})"
+    raised_by_us = bool(tb) and "mudsc_fx" in tb[-1].filename
+    named = any(n in str(e) for n in _names(model))
+    if isinstance(e, (ValueError, TypeError)) and raised_by_us and named:
+        return "clear_error", text
+    return "unclear_error", text
+
+
+# ---------------------------------------------------------------------------------------------
+# one model
+@dataclass(frozen=True)
+class Options:
+    check_seeds: tuple[int, ...] = (0, 1)
+    single_space: bool = True
+    merge: bool = False
+
+
+def _barrier_steps(program: Program) -> list[int]:
+    return [k for k, s in enumerate(program.steps) if OPS[s.op].barrier]
+
+
+def _has_barrier(pg: mf.PermutationGraph, k: int, op: str) -> bool:
+    if op == "unruled.leaf":
+        return any(b.op == f"module s{k}_m" for b in pg.barriers)
+    return any("fuzz_unruled" in b.op for b in pg.barriers)
+
+
+def run_program(program: Program, opts: Options = Options(), built=None) -> Outcome:
+    model, inputs = built if built is not None else build(program)
+    fams = tuple(sorted({OPS[s.op].family for s in program.steps}))
+    base = dict(seed=program.seed, ops=program.ops, families=fams)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pg = mf.infer(model, inputs, leaf_modules=LEAF_MODULES)
+        except Exception as e:
+            status, text = classify_error(e, model)
+            return Outcome(status=status, detail=f"infer: {text}", **base)
+        stats = dict(n_free=len(pg.free_spaces), n_barriers=len(pg.barriers), coverage=pg.coverage())
+        for k in _barrier_steps(program):
+            if not _has_barrier(pg, k, program.steps[k].op):
+                return Outcome(status="missing_barrier", detail=f"step {k} ({program.steps[k].op}) is not a barrier",
+                               **base, **stats)
+        try:
+            for s in opts.check_seeds:
+                rep = mf.check(model, inputs, seed=s, pg=pg, leaf_modules=LEAF_MODULES)
+                if not rep.ok:
+                    return Outcome(status="wrong_proof", detail=f"check seed {s}: max abs err {rep.max_abs_err:.3g}"
+                                   f" > {rep.tolerance:.3g}", **base, **stats)
+            if opts.single_space:
+                bad = single_space_oracle(model, inputs, pg)
+                if bad:
+                    return Outcome(status="wrong_proof", detail=bad, **base, **stats)
+            if opts.merge:
+                bad = merge_oracle(model, inputs, pg)
+                if bad:
+                    return Outcome(status="wrong_proof", detail="merge oracle: " + bad, **base, **stats)
+        except Exception as e:
+            status, text = classify_error(e, model)
+            return Outcome(status=status, detail=f"check: {text}", **base, **stats)
+    return Outcome(status="proven", **base, **stats)
+
+
+def run_seed(seed: int, opts: Options = Options(), profile: Profile = DEFAULT) -> tuple[Optional[Program], Outcome]:
+    try:
+        program, model, inputs = generate_model(seed, profile)
+    except GenerationFailed as e:
+        return None, Outcome(seed=seed, status="generator_failed", detail=str(e))
+    return program, run_program(program, opts, built=(model, inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# shrinking
+def _same_failure(a: Outcome, b: Outcome) -> bool:
+    if a.status != b.status:
+        return False
+    if a.status == "unclear_error" or a.status == "clear_error":
+        return a.detail.split(":")[1] == b.detail.split(":")[1]  # same exception type
+    return True
+
+
+def shrink(program: Program, outcome: Outcome, opts: Options = Options(),
+           still_fails: Optional[Callable[[Outcome], bool]] = None, max_rounds: int = 50) -> tuple[Program, Outcome]:
+    """Drop steps (with their dependents), bypass shape-preserving steps and drop unused
+    inputs while the failure keeps its kind. Returns the smallest failing program found."""
+    keep = still_fails or (lambda o: _same_failure(outcome, o))
+    best, best_out = program, outcome
+    for _ in range(max_rounds):
+        improved = False
+        for cand in _candidates(best):
+            try:
+                out = run_program(cand, opts)
+            except Exception:
+                continue
+            if keep(out):
+                best, best_out, improved = cand, out, True
+                break
+        if not improved:
+            break
+    return best, best_out
+
+
+def _candidates(program: Program) -> Iterable[Program]:
+    n = len(program.steps)
+    for k in reversed(range(n)):  # drop a step and its dependents (the cheapest big cut first)
+        p = prune(program, {k})
+        if p is not None:
+            yield p
+    for k in range(n):
+        try:
+            p = bypass(program, k)
+        except Exception:
+            p = None
+        if p is not None:
+            yield p
+    for i in range(len(program.inputs)):
+        p = drop_input(program, i)
+        if p is not None:
+            yield p
+
+
+def report(program: Program, outcome: Outcome) -> str:
+    return (f"seed {outcome.seed}: {outcome.status}: {outcome.detail}\n{describe(program)}\n"
+            f"repro: build({program!r})")
