@@ -122,13 +122,12 @@ def _double_inputs(inputs):
 def single_space_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-7) -> Optional[str]:
     """None if permuting each free space alone keeps the outputs; else what failed. One float64
     copy is permuted in place and restored per space (no copy per space)."""
-    ref = copy.deepcopy(model).double().eval()
-    perturb_(ref, seed)
-    work = copy.deepcopy(ref)
-    orig = {k: t.clone() for k, t in named_tensors(ref).items()}
+    work = copy.deepcopy(model).double().eval()
+    perturb_(work, seed)
+    orig = {k: t.clone() for k, t in named_tensors(work).items()}
     x = _double_inputs(inputs)
     with torch.no_grad():
-        base = ref(*x)
+        base = work(*x)
         for what, perms in single_space_permutations(pg, np.random.default_rng(seed)):
             new = transform_params(pg, orig, permutation_op(perms))
             load_tensors(work, new)
@@ -139,14 +138,21 @@ def single_space_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-7) ->
     return None
 
 
-def merge_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-4) -> Optional[str]:
+def calibration_batch(inputs: tuple, seed: int) -> tuple:
+    """Fresh inputs of the example's shapes (the generated models have static shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x.shape, generator=g) if x.is_floating_point() else
+                 torch.randint(0, int(x.max()) + 1, x.shape, generator=g) for x in inputs)
+
+
+def merge_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-4, batches: int = 32) -> Optional[str]:
     """None if ``mf.merge([model, permuted copy], act_align)`` gives back the model."""
     rng = np.random.default_rng(seed)
     perms = mf.random_permutations(pg, rng)
     if not perms:
         return None
     permuted = apply_permutations(model, pg, perms).eval()
-    data = [inputs[0] if len(inputs) == 1 else inputs]
+    data = [inputs] + [calibration_batch(inputs, seed * 1000 + k) for k in range(batches)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = mf.merge([model, permuted], data, method="act_align", reset_bn=False,

@@ -214,9 +214,17 @@ def _healthy(outs: tuple[torch.Tensor, ...]) -> bool:
     for t in outs:
         if t.numel() == 0 or t.numel() > 4096 or t.dim() < 1:
             return False
-        if t.is_floating_point() and (not torch.isfinite(t).all() or t.abs().max() > 1e3):
+        if t.is_floating_point() and not float(t.abs().max()) <= 1e3:  # NaN fails too
             return False
     return True
+
+
+class _Env(list):
+    """The values so far, and the model being built (for ops that reuse an earlier module)."""
+
+    def __init__(self, net: FuzzNet):
+        super().__init__(net.values)
+        self.net = net
 
 
 def _pick_op(r: Rand, x: Value, banned: frozenset[str], only: Optional[frozenset[str]] = None) -> Optional[FuzzOp]:
@@ -224,9 +232,13 @@ def _pick_op(r: Rand, x: Value, banned: frozenset[str], only: Optional[frozenset
              and (only is None or op.name in only)]
     if not cands:
         return None
-    w = torch.tensor([op.weight for op in cands], dtype=torch.float64)
-    i = int(r.g.choice(len(cands), p=(w / w.sum()).numpy()))
-    return cands[i]
+    total = sum(op.weight for op in cands)
+    u = r.g.random() * total
+    for op in cands:
+        u -= op.weight
+        if u < 0:
+            return op
+    return cands[-1]
 
 
 @dataclass(frozen=True)
@@ -237,6 +249,7 @@ class Profile:
     banned_ops: frozenset[str] = frozenset()
     banned_sources: frozenset[str] = frozenset()
     require: frozenset[str] = frozenset()
+    require_sources: frozenset[str] = frozenset()  # the required op draws its source from these
     steps: tuple[int, int] = (3, 10)
 
     def allows(self, step: "Step") -> bool:
@@ -274,7 +287,9 @@ def generate_model(seed: int, profile: Profile = DEFAULT, max_tries: int = 400
         while len(steps) < n_steps:
             tries += 1
             if tries > max_tries:
-                raise GenerationFailed(f"seed {seed}: could not place {n_steps} steps")
+                if not steps:
+                    raise GenerationFailed(f"seed {seed}: could not place a step")
+                break
             # token inputs feed embeddings; once embedded they are rarely drawn again
             used = {i for st in steps for i in st.inputs}
             vals = [v for v in net.values if v.dtype == "float" or
@@ -282,22 +297,25 @@ def generate_model(seed: int, profile: Profile = DEFAULT, max_tries: int = 400
             unused_tok = [v for v in vals if v.kind == "tok" and v.id not in used]
             # favour recent values (deep chains) but reach back (branches, residuals)
             x = unused_tok[0] if unused_tok else (vals[-1] if r.coin(0.5) else r.choice(vals))
+            forced = False
             fresh = [v for v in net.values[:len(inputs)] if v.id not in used]
             if fresh and r.coin(0.85):  # a stem: the first op on an input makes a space
                 x = fresh[0]
                 op = _pick_op(r, x, profile.banned_ops, only=frozenset(o.name for o in OPS.values() if o.producer))
             elif len(steps) >= required_at >= 0 and not any(st.op in profile.require for st in steps):
                 op = _pick_op(r, x, profile.banned_ops, only=profile.require)
+                forced = True
             else:
                 op = _pick_op(r, x, profile.banned_ops)
             if op is None:
                 continue
-            proposal = op.propose(r, x, net.values)
+            proposal = op.propose(r, x, _Env(net))
             if proposal is None:
                 continue
             args, extra = proposal
             step = Step(op.name, (x.id,) + tuple(extra), tuple(sorted(args.items())))
-            if not profile.allows(step):
+            if not profile.allows(step) or (forced and profile.require_sources and not any(
+                    step.a.get(k) in profile.require_sources for k in ("w", "src", "b"))):
                 continue
             net.program = replace(program, steps=tuple(steps) + (step,))
             try:
@@ -370,26 +388,39 @@ def prune(program: Program, drop: set[int]) -> Optional[Program]:
     dead_values: set[int] = set()
     dead_steps = set(drop)
     remap: dict[int, int] = {i: i for i in range(len(program.inputs))}
+    step_index: dict[int, int] = {}
     nxt = len(program.inputs)
     steps = []
     for k, step in enumerate(program.steps):
         first = _first_output(program, k)
         outs = range(first, first + n_outputs(step))
-        if k in dead_steps or any(i in dead_values for i in step.inputs):
+        ref = step.a.get("step") if step.op == "shared_module" else None
+        if k in dead_steps or any(i in dead_values for i in step.inputs) or (ref is not None and ref in dead_steps):
+            dead_steps.add(k)
             dead_values.update(outs)
             continue
-        steps.append(replace(step, inputs=tuple(remap[i] for i in step.inputs)))
+        step_index[k] = len(steps)
+        new = replace(step, inputs=tuple(remap[i] for i in step.inputs))
+        if ref is not None:
+            new = _with_arg(new, "step", step_index[ref])
+        steps.append(new)
         for v in outs:
             remap[v] = nxt
             nxt += 1
     return replace(program, steps=tuple(steps)) if steps else None
 
 
+def _with_arg(step: Step, key: str, value) -> Step:
+    a = step.a
+    a[key] = value
+    return replace(step, args=tuple(sorted(a.items())))
+
+
 def bypass(program: Program, k: int) -> Optional[Program]:
     """``program`` with step k removed and its single output replaced by its first input;
     None unless that output has the input's shape and kind."""
     step = program.steps[k]
-    if n_outputs(step) != 1:
+    if n_outputs(step) != 1 or any(s.op == "shared_module" and s.a["step"] == k for s in program.steps):
         return None
     net, _ = build(program)
     pos = _first_output(program, k)
@@ -399,8 +430,10 @@ def bypass(program: Program, k: int) -> Optional[Program]:
     steps = []
     for j, s in enumerate(program.steps):
         if j != k:
-            steps.append(replace(s, inputs=tuple(src.id if i == pos else (i - 1 if i > pos else i)
-                                                 for i in s.inputs)))
+            new = replace(s, inputs=tuple(src.id if i == pos else (i - 1 if i > pos else i) for i in s.inputs))
+            if s.op == "shared_module" and s.a["step"] > k:
+                new = _with_arg(new, "step", s.a["step"] - 1)
+            steps.append(new)
     return replace(program, steps=tuple(steps)) if steps else None
 
 

@@ -1057,12 +1057,24 @@ class SDPA(FuzzOp):
         k, v = r.choice(kv), r.choice(kv)
         if k.shape[2] != v.shape[2]:
             v = k
-        return dict(causal=r.coin(0.3) and k.shape[2] == x.shape[2], kw=r.coin()), (k.id, v.id)
+        causal = r.coin(0.3) and k.shape[2] == x.shape[2]
+        mask = None if causal else r.choice((None, None, "bool_buffer", "float_buffer", "param"))
+        return dict(causal=causal, kw=r.coin(), mask=mask, S=k.shape[2]), (k.id, v.id)
 
     def run(self, P, a, q, k, v):
+        T, S = a["_shape"][2], a["S"]
+        mask = None
+        if a["mask"] == "bool_buffer":
+            mask = P.buffer("mask", value=torch.rand(T, S, generator=P.gen) > 0.3 if P.building else None)
+            if P.building:
+                mask[:, 0] = True  # every query sees at least one key
+        elif a["mask"] == "float_buffer":
+            mask = P.buffer("mask", (T, S), scale=1.0)
+        elif a["mask"] == "param":  # a learned additive bias over (query, key)
+            mask = P.param("mask", (T, S), scale=1.0)
         if a["kw"]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=a["causal"])
-        return F.scaled_dot_product_attention(q, k, v, None, 0.0, a["causal"])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a["causal"])
+        return F.scaled_dot_product_attention(q, k, v, mask, 0.0, a["causal"])
 
 
 class ExplicitAttention(FuzzOp):
@@ -1464,6 +1476,197 @@ class Factory(FuzzOp):
                 "new_ones": lambda: x * x.new_ones(x.shape) * 0.5,
                 "tensor": lambda: x * torch.tensor(0.5, dtype=x.dtype),
                 "arange": lambda: x + torch.arange(C, dtype=x.dtype) * 0.1}[a["form"]]()
+
+
+class SharedModule(FuzzOp):
+    """An earlier step's module called again on another value (rule 12: one parameter used at
+    several call sites unifies the spaces it meets there)."""
+    name, kinds, family = "shared_module", ("seq", "vec", "img", "c1d"), "shared"
+    weight = 1.5
+
+    def propose(self, r, x, env):
+        net = getattr(env, "net", None)  # the generator passes the model being built
+        if net is None:
+            return None
+        cands = []
+        for k, step in enumerate(net.program.steps[:-1]):
+            if step.op in ("linear.module", "conv.module", "layernorm.module", "batchnorm.module", "groupnorm.module",
+                           "rmsnorm.module"):
+                src = net.values[step.inputs[0]]
+                if src.kind == x.kind and src.shape[1:] == x.shape[1:] and src.id != x.id:
+                    cands.append(k)
+        if not cands:
+            return None
+        return dict(step=r.choice(cands)), ()
+
+    def run(self, P, a, x):
+        return getattr(P.net, f"s{a['step']}_m")(x)
+
+
+class Reorder(FuzzOp):
+    """Split the channel axis in two and concatenate the pieces in the other order (a concat of
+    refined parts), or cut and re-join in the same order (must give back the space)."""
+    name, kinds, family = "reorder", CHANNEL_KINDS, "cat_split"
+
+    def propose(self, r, x, env):
+        if x.C < 2:
+            return None
+        return dict(k=r.int(1, x.C - 1), swap=r.coin(0.7), form=r.choice(("slices", "split", "narrow"))), ()
+
+    def run(self, P, a, x):
+        ch, k, S = a["_ch"], a["k"], a["_shape"]
+        if a["form"] == "split":
+            lo, hi = torch.split(x, [k, S[ch] - k], dim=ch)
+        elif a["form"] == "narrow":
+            lo, hi = x.narrow(ch, 0, k), x.narrow(ch, k, S[ch] - k)
+        else:
+            idx = (slice(None),) * ch
+            lo, hi = x[idx + (slice(None, k),)], x[idx + (slice(k, None),)]
+        return torch.cat([hi, lo] if a["swap"] else [lo, hi], dim=ch)
+
+
+class Ternary(FuzzOp):
+    """Elementwise ops of three tensors: addcmul, addcdiv, where(cond from a third value)."""
+    name, kinds, family = "ternary", FLOAT_KINDS, "elementwise"
+
+    def propose(self, r, x, env):
+        others = _same_shape(env, x)
+        if not others:
+            return None
+        return dict(form=r.choice(("addcmul", "addcdiv", "where", "addcmul_method"))), \
+            (r.choice(others).id, r.choice(others).id)
+
+    def run(self, P, a, x, y, z):
+        f = a["form"]
+        if f == "addcmul":
+            return torch.addcmul(x, y, z, value=0.5)
+        if f == "addcmul_method":
+            return x.addcmul(y, z)
+        if f == "addcdiv":
+            return torch.addcdiv(x, y, z.abs() + 1.0, value=0.5)
+        return torch.where(z > 0, x, y)
+
+
+class InPlace(FuzzOp):
+    """In-place ops on a fresh copy: clone().add_(y), relu_(), mul_(scalar), masked_fill_."""
+    name, kinds, family = "inplace", FLOAT_KINDS, "elementwise"
+
+    def propose(self, r, x, env):
+        others = _same_shape(env, x)
+        form = r.choice(("add_", "relu_", "mul_", "sigmoid_", "clamp_"))
+        if form == "add_" and not others:
+            form = "mul_"
+        return dict(form=form), ((r.choice(others).id,) if form == "add_" else ())
+
+    def run(self, P, a, x, *y):
+        t = x.clone()
+        f = a["form"]
+        if f == "add_":
+            return t.add_(y[0])
+        if f == "relu_":
+            return t.relu_()
+        if f == "sigmoid_":
+            return t.sigmoid_()
+        if f == "clamp_":
+            return t.clamp_(-1.0, 1.0)
+        return t.mul_(0.5)
+
+
+class GlobalScale(FuzzOp):
+    """x times a full reduction of itself (a scalar: imposes nothing)."""
+    name, kinds, family = "global_scale", FLOAT_KINDS, "reduction"
+
+    def propose(self, r, x, env):
+        return dict(form=r.choice(("mean", "norm", "amax", "std"))), ()
+
+    def run(self, P, a, x):
+        f = a["form"]
+        if f == "mean":
+            return x * torch.sigmoid(x.mean())
+        if f == "norm":
+            return x / (x.norm() + 1.0)
+        if f == "std":
+            return x / (torch.std(x) + 1.0)
+        return x / (x.abs().amax() + 1.0)
+
+
+class HeadsEinsum(FuzzOp):
+    """Attention over heads with einsum: 'bhtd,bhsd->bhts', softmax, 'bhts,bhsd->bhtd'."""
+    name, kinds, family = "einsum.heads", ("heads",), "attention"
+
+    def propose(self, r, x, env):
+        kv = [v for v in env if v.kind == "heads" and v.shape == x.shape]
+        return dict(eq=r.choice(("explicit", "ellipsis"))), (r.choice(kv).id, r.choice(kv).id)
+
+    def run(self, P, a, q, k, v):
+        if a["eq"] == "ellipsis":
+            s = torch.einsum("...td,...sd->...ts", q, k)
+            return torch.einsum("...ts,...sd->...td", s.softmax(-1), v)
+        s = torch.einsum("bhtd,bhsd->bhts", q, k) * (a["_shape"][-1] ** -0.5)
+        return torch.einsum("bhts,bhsd->bhtd", s.softmax(dim=-1), v)
+
+
+class ArgIndex(FuzzOp):
+    """Indices of a maximum used as an index (rule 6: the axis they index must not move)."""
+    name, kinds, family = "arg_index", CHANNEL_KINDS, "along_axis"
+
+    def propose(self, r, x, env):
+        axis = x.ch if r.coin(0.7) else r.int(1, len(x.shape) - 1)
+        return dict(axis=axis, form=r.choice(("max_gather", "argmax_gather", "topk_gather"))), ()
+
+    def run(self, P, a, x):
+        d = a["axis"]
+        if a["form"] == "max_gather":
+            _, i = x.max(dim=d, keepdim=True)
+        elif a["form"] == "topk_gather":
+            i = x.topk(1, dim=d)[1]
+        else:
+            i = torch.argmax(x, dim=d, keepdim=True)
+        return x + torch.gather(x, d, i)
+
+
+class MaskedMHA(FuzzOp):
+    """nn.MultiheadAttention with a causal attn_mask and / or a key padding mask."""
+    name, kinds, family = "mha.masked", ("seq",), "attention"
+
+    def propose(self, r, x, env):
+        return dict(H=r.choice(_divisors(x.C) + [1, x.C]), causal=r.coin(), padding=r.coin()), ()
+
+    def run(self, P, a, x):
+        B, T, C = a["_shape"]
+        m = P.module("m", lambda: nn.MultiheadAttention(C, a["H"], batch_first=True))
+        mask = P.buffer("causal", value=torch.triu(torch.ones(T, T, dtype=torch.bool), 1) if P.building else None) \
+            if a["causal"] else None
+        pad = P.buffer("pad", value=torch.arange(T).expand(B, T) >= T - 1 if P.building else None) \
+            if a["padding"] else None
+        return m(x, x, x, attn_mask=mask, key_padding_mask=pad, need_weights=False)[0]
+
+
+class LayerNormTokens(FuzzOp):
+    """LayerNorm over (T, C) of a sequence: the statistics mix tokens and channels."""
+    name, kinds, family = "layernorm.tokens", ("seq",), "norm"
+
+    def propose(self, r, x, env):
+        return dict(affine=r.coin()), ()
+
+    def run(self, P, a, x):
+        return P.module("m", lambda: nn.LayerNorm(tuple(a["_shape"][1:]), elementwise_affine=a["affine"]))(x)
+
+
+class FlattenUnflatten(FuzzOp):
+    """Spatial axes flattened into the channel axis and viewed back (kron there and back)."""
+    name, kinds, family = "flatten_unflatten", ("img", "c1d"), "reshape"
+
+    def propose(self, r, x, env):
+        return dict(form=r.choice(("flatten_view", "flatten_unflatten", "reshape_reshape"))), ()
+
+    def run(self, P, a, x):
+        S = a["_shape"]
+        if a["form"] == "flatten_view":
+            return x.flatten(1).view(S) * 2.0
+        if a["form"] == "flatten_unflatten":
+            return torch.flatten(x, 1).unflatten(1, tuple(S[1:])) * 2.0
+        return x.reshape(S[0], -1).reshape(*S) * 2.0
 
 
 # ---------------------------------------------------------------------------------------------
