@@ -270,7 +270,7 @@ def test_statistics_match_a_slow_reference():
                 vals.append(runner(xb)[0].double())
         feats.append(torch.cat(vals).numpy())
     ref = np.corrcoef(np.concatenate(feats, axis=1).T)
-    np.testing.assert_allclose(stats.corr[s], ref, atol=1e-8)
+    np.testing.assert_allclose(stats.corr[s], ref, atol=1e-6)  # float32 products (tests/test_stats.py)
 
 
 # ---------------------------------------------------------------- solve stage

@@ -1,6 +1,11 @@
 """Stage 3: activation statistics — per space, the Pearson correlation of the stacked
-features of all N models, from float64 sums over one streaming pass (DESIGN.md,
-"Statistics"). Spaces are processed in chunks when their accumulators exceed a memory budget.
+features of all N models, from one streaming pass over the calibration data.
+
+Per-batch products run in float32 GEMMs (the model's dtype, at least float32), summed in
+float64 around running means (:class:`mudsc_fx.numerics.MomentAccumulator`); the result is
+float32. Spaces are processed in chunks when their accumulators exceed a memory budget.
+Under ``torch.distributed`` each rank reads its own shard of the batches and the sums are
+all-reduced (:mod:`mudsc_fx.distributed`).
 """
 from __future__ import annotations
 
@@ -12,21 +17,23 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from scipy.linalg.blas import dsyrk as _dsyrk
 from torch import nn
 
+from .. import distributed
 from ..ir.graph import PermutationGraph, Tap
 from ..ir.layout import Concat, Fixed, Kron, Layout, Plain, layout_size
 from ..ir.trace import as_input_tuple, eval_mode
+from ..numerics import MomentAccumulator, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Statistics:
-    """``corr[s]``: (N n, N n) float64 correlation of space s (model i's units are rows
-    i*n:(i+1)*n); ``samples[s]``: how many feature vectors went in; ``dead[s]``: units with
-    (near) zero variance, whose rows/columns are 0."""
+    """``corr[s]``: (N n, N n) float32 correlation of space s (model i's units are rows
+    i*n:(i+1)*n); ``samples[s]``: how many feature vectors went in (all ranks); ``dead[s]``:
+    units with (near) zero variance (:func:`mudsc_fx.numerics.dead_units`), whose rows and
+    columns are 0."""
     corr: dict[int, np.ndarray]
     samples: dict[int, int]
     dead: dict[int, np.ndarray]
@@ -107,26 +114,30 @@ def tap_module(gm: fx.GraphModule, root: nn.Module, node_names: Sequence[str]) -
     return gm
 
 
-def _accumulator_bytes(n_models: int, n: int) -> int:
-    return 8 * (n_models * n) ** 2
-
-
 def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Iterable, *,
                   input_fn: Optional[Callable[[Any], tuple]] = None, budget_bytes: int = 2 << 30,
-                  spaces: Optional[Iterable[int]] = None, progress: bool = False) -> Statistics:
+                  spaces: Optional[Iterable[int]] = None, progress: bool = False,
+                  sharding: distributed.ShardingArg = distributed.AUTO) -> Statistics:
     """One streaming pass over ``data`` per chunk of spaces (one pass when the float64
-    accumulators of all spaces fit in ``budget_bytes``; cost per space: 8 (N n)^2 bytes).
+    accumulators of all spaces fit in ``budget_bytes``; cost per space: about 4 (N n)^2
+    bytes, :func:`mudsc_fx.numerics.accumulator_bytes`).
+
+    ``sharding``: under ``torch.distributed`` (``"auto"``: when a process group is
+    initialised) each rank reads its shard of ``data`` and every rank returns the
+    statistics of all of it; ``None`` ignores the process group
+    (:class:`mudsc_fx.distributed.Sharding`).
 
     >>> # stats = collect_stats([m0, m1], mf.infer(m0, x), loader)
     """
     input_fn = input_fn or default_input_fn
+    sharding = distributed.resolve(sharding)
     N = len(models)
     taps = taps_by_space(pg)
     wanted = sorted(taps if spaces is None else set(spaces) & set(taps))
     chunks: list[list[int]] = [[]]
     used = 0
     for s in wanted:
-        cost = _accumulator_bytes(N, pg.size(s))
+        cost = accumulator_bytes(N * pg.size(s))
         if chunks[-1] and used + cost > budget_bytes:
             chunks.append([])
             used = 0
@@ -136,78 +147,11 @@ def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Itera
         log.info("activation statistics in %d passes (budget %.1f GiB)", len(chunks), budget_bytes / 2**30)
     corr, samples, dead = {}, {}, {}
     for chunk in chunks:
-        c, n_s, d = _collect_chunk(models, pg, data, input_fn, chunk, taps, progress)
+        c, n_s, d = _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding)
         corr.update(c)
         samples.update(n_s)
         dead.update(d)
     return Statistics(corr, samples, dead, N)
-
-
-def mirror_lower_(a: np.ndarray, block: int = 256) -> np.ndarray:
-    """Copy the strict lower triangle of the square C-order array ``a`` onto its upper one, in
-    place and by blocks (no m x m temporaries). The upper part must hold zeros (as BLAS syrk
-    leaves it): the diagonal blocks add their transpose's strict lower part, exactly."""
-    m = a.shape[0]
-    for i in range(0, m, block):
-        j = min(i + block, m)
-        d = a[i:j, i:j]
-        d += np.tril(d, -1).T
-        if j < m:
-            a[i:j, j:] = a[j:, i:j].T
-    return a
-
-
-class _Gram:
-    """Float64 sums and sums of outer products of the rows of feature matrices.
-
-    The N models' feature blocks of one tap are copied once into a float64 buffer
-    [samples, N n + 1] whose last column is 1, and BLAS ``dsyrk`` adds the lower triangle of
-    buffer^T buffer in place: one call gives the products (half the work of a full matmul),
-    the column sums (last row) and the sample count (corner), with no temporaries."""
-
-    def __init__(self):
-        self.flat = torch.empty(0, dtype=torch.float64)
-
-    def buffer(self, rows: int, cols: int) -> torch.Tensor:
-        if self.flat.numel() < rows * cols:
-            self.flat = torch.empty(rows * cols, dtype=torch.float64)
-        buf = self.flat[:rows * cols].view(rows, cols)
-        buf[:, -1] = 1.0
-        return buf
-
-    @staticmethod
-    def accumulate(acc: np.ndarray, buf: torch.Tensor) -> None:
-        # acc (C order) seen as acc.T is Fortran-ordered, as is buf.T: BLAS works in place
-        out = _dsyrk(1.0, buf.numpy().T, beta=1.0, c=acc.T, trans=0, lower=0, overwrite_c=1)
-        if not np.shares_memory(out, acc):  # pragma: no cover - f2py copied after all
-            acc[...] = out.T
-
-    @staticmethod
-    def correlation(acc: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Pearson correlation, dead units) from the lower triangle filled above, computed in
-        the accumulator's own memory (no (N n)^2 temporaries; the same arithmetic as
-        ``cov = prods / n - outer(mean, mean)``, ``cov / outer(std, std)``, clamp)."""
-        m = acc.shape[0] - 1
-        B = 256
-        mirror_lower_(acc)
-        n = max(count, 1)
-        mean = torch.from_numpy(acc[m, :m].copy()) / n
-        cov = torch.from_numpy(acc)[:m, :m]
-        cov.div_(n)
-        for a in range(0, m, B):
-            cov[a:a + B] -= torch.outer(mean[a:a + B], mean)
-        var = cov.diagonal().clone()
-        is_dead = var <= 1e-10 * max(var.abs().max().item(), 1e-30)
-        std = var.clamp_min(1e-30).sqrt()
-        for a in range(0, m, B):
-            cov[a:a + B] /= torch.outer(std[a:a + B], std)
-        cov[is_dead, :] = 0.0
-        cov[:, is_dead] = 0.0
-        cov.clamp_(-1.0, 1.0)
-        flat = acc.reshape(-1)
-        for i in range(1, m):  # make rows contiguous: row i moves from i (m + 1) to i m
-            flat[i * m:(i + 1) * m] = flat[i * (m + 1):i * (m + 1) + m]
-        return flat[:m * m].reshape(m, m), is_dead.numpy()
 
 
 def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
@@ -285,11 +229,7 @@ def lockstep_tap_module(gm: fx.GraphModule, models: Sequence[nn.Module], node_na
     return fx.GraphModule(root, graph)
 
 
-_GRAM_BUFFER_BYTES = 16 << 20  # rows of one dsyrk call: about this much float64 buffer ...
-_GRAM_MIN_ROWS = 1024          # ... but never fewer rows (the update of acc must stay amortised)
-
-
-def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
+def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
     N = len(models)
     wanted = set(chunk)
     chunk_taps = list(dict.fromkeys(t for s in chunk for t in taps[s]))
@@ -298,25 +238,9 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
         at_node.setdefault(t.node, []).append(t)
     params = [dict(list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False)))
               for m in models]
-    gram = _Gram()
-    acc = {s: np.zeros((N * pg.size(s) + 1, N * pg.size(s) + 1)) for s in chunk}
-    count = {s: 0 for s in chunk}
-
-    def add(s: int, blocks: list[torch.Tensor]) -> None:
-        n = pg.size(s)
-        cols = N * n + 1
-        blocks = [f.unsqueeze(0) if f.dim() == 1 else f for f in blocks]
-        per_item = blocks[0].numel() // max(n * blocks[0].shape[0], 1)
-        rows_max = max(_GRAM_MIN_ROWS, _GRAM_BUFFER_BYTES // (8 * cols))
-        step = max(1, rows_max // max(per_item, 1))
-        for a in range(0, blocks[0].shape[0], step):
-            parts = [f[a:a + step] for f in blocks]
-            rows = parts[0].numel() // n
-            buf = gram.buffer(rows, cols)
-            for i, f in enumerate(parts):
-                buf[:, i * n:(i + 1) * n].view(f.shape).copy_(f)
-            gram.accumulate(acc[s], buf)
-            count[s] += rows
+    device = next((t.device for t in params[0].values()), torch.device("cpu"))
+    scratch = Scratch()
+    acc = {s: MomentAccumulator(N * pg.size(s), device, scratch) for s in chunk}
 
     def on_tap(name: str, *values: torch.Tensor) -> None:
         for t in at_node[name]:
@@ -324,27 +248,29 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress):
             for k in range(len(per_model[0])):
                 s = per_model[0][k][0]
                 if s in wanted:
-                    add(s, [per_model[i][k][1] for i in range(N)])
+                    acc[s].add([per_model[i][k][1] for i in range(N)])
 
     runner = lockstep_tap_module(pg.gm, models, list(at_node), on_tap)
-    it = data
+    it = distributed.shard(data, sharding)
     if progress:
         from tqdm import tqdm
-        it = tqdm(data, desc=f"statistics ({len(chunk)} spaces)", leave=False)
+        it = tqdm(it, desc=f"statistics ({len(chunk)} spaces)", leave=False)
     n_batches = 0
     with torch.no_grad(), eval_mode(*models):
         for batch in it:
             n_batches += 1
             runner(*as_input_tuple(input_fn(batch)))
-    del gram, runner
+    del scratch, runner
+    n_batches = distributed.all_reduce_moments(acc, n_batches, sharding)
     if n_batches == 0:
         raise ValueError("the calibration data is empty")
-    corr, dead = {}, {}
+    corr, dead, count = {}, {}, {}
     for s in chunk:
-        if not np.isfinite(acc[s]).all():
+        if not acc[s].finite():
             nodes = sorted({t.node for t in taps[s]})
             raise ValueError(f"non-finite activations at {', '.join(nodes)} (space S{s}): check the models' "
                              "weights and the calibration data")
-        corr[s], dead[s] = _Gram.correlation(acc[s], count[s])
+        corr[s], dead[s] = acc[s].correlation()
+        count[s] = acc[s].count
         acc[s] = None
     return corr, count, dead
