@@ -15,6 +15,8 @@ Without a process group (or with ``sharding=None``) nothing here does anything.
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
@@ -63,6 +65,33 @@ def resolve(sharding: ShardingArg = AUTO) -> Optional[Sharding]:
     return None
 
 
+@contextmanager
+def process_group_from_env(device: torch.device = torch.device("cpu")) -> Iterator[Optional[Sharding]]:
+    """Join the process group a launcher such as ``torchrun`` describes in the environment
+    (``WORLD_SIZE`` > 1; gloo for CPU models, nccl for CUDA ones) for the duration of the
+    block, and give its sharding; None in a single process. A group that is already
+    initialised is used as it is (and left alone).
+
+    >>> with process_group_from_env() as sharding:  # a single process: nothing to join
+    ...     print(sharding)
+    None
+    """
+    if dist.is_available() and dist.is_initialized():
+        yield resolve()
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    log.info("joined a process group of %d ranks as rank %d", dist.get_world_size(), dist.get_rank())
+    try:
+        yield Sharding()
+    finally:
+        dist.destroy_process_group()
+
+
 def is_main(sharding: Optional[Sharding]) -> bool:
     """True on rank 0 (and in a single process): the rank that solves and writes files."""
     return sharding is None or sharding.rank == 0
@@ -78,6 +107,26 @@ def shard(data: Iterable[T], sharding: Optional[Sharding]) -> Iterator[T]:
     for k, batch in enumerate(data):
         if k % world == rank:
             yield batch
+
+
+@contextmanager
+def together(sharding: Optional[Sharding], what: str):
+    """Run this rank's share of a step that ends in collectives: if the step raises on any
+    rank, every rank raises (the failing one its own error), so no rank is left waiting in a
+    collective for a rank that gave up."""
+    error: Optional[BaseException] = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = e
+    if sharding is not None:
+        failed = torch.tensor([0.0 if error is None else 1.0],
+                              device=_collective_device(sharding, torch.device("cpu")))
+        dist.all_reduce(failed, group=sharding.group)
+        if error is None and failed.item() > 0:
+            raise RuntimeError(f"{what} failed on another rank (its error is reported there)")
+    if error is not None:
+        raise error
 
 
 def _device_of(accs) -> torch.device:

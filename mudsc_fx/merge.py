@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import distributed
 from .ir.graph import PermutationGraph
 from .ir.trace import as_input_tuple, eval_mode, untouched
 from .passes.apply import apply_permutations, named_tensors
@@ -372,9 +373,10 @@ def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = No
     for _, m in bns:
         m.train()
     n = 0
+    sharding = distributed.resolve()  # under torch.distributed: this rank's batches, averaged below
     try:
-        with torch.no_grad():
-            for batch in data:
+        with distributed.together(sharding, "reset_bn"), torch.no_grad():
+            for batch in distributed.shard(data, sharding):
                 try:
                     model(*as_input_tuple(input_fn(batch)))
                 except ValueError as e:
@@ -388,6 +390,7 @@ def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = No
         for m, mom in saved:
             m.momentum = mom
         model.eval()
+    n = distributed.average_batchnorm(model, n, sharding)
     if n == 0:
         raise ValueError("reset_bn: the data is empty")
     for name, m in bns:
@@ -488,7 +491,9 @@ class Merger:
         seconds["statistics"] = self.seconds.get("statistics", 0.0) if stats is not None else 0.0
         with eval_mode(*self.models):
             t = time.perf_counter()
-            alignment = solve(graph, stats, self._tensors, cfg, seed)
+            # under torch.distributed: rank 0 solves, every rank gets its alignment
+            alignment = distributed.on_main(lambda: solve(graph, stats, self._tensors, cfg, seed),
+                                            distributed.resolve())
             seconds["solve"] = time.perf_counter() - t
             t = time.perf_counter()
             merged = rewrite(list(self.models), graph, alignment)

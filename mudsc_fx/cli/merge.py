@@ -165,6 +165,7 @@ def load_data(spec: Optional[str]):
 
 
 def _run_matching(args) -> int:
+    from .. import distributed
     from ..merge import Merger, method_config
     from ..sources import load_model
     for given, flag in ((args.base, "--base"), (_given_tv_options(args), "task-vector options"),
@@ -184,11 +185,14 @@ def _run_matching(args) -> int:
     del states
     t0 = time.perf_counter()
     example = None if data is not None else example_input(args.input_shape)
-    merger = Merger(models, data, example_inputs=example, progress=True)
-    result = merger.merge(args.method, args.alpha, seed=args.seed)
-    write_state_dict(result.model.state_dict(), output)
-    print(result.summary())
-    print(f"{time.perf_counter() - t0:.1f}s -> {output}")
+    with distributed.process_group_from_env() as sharding:  # torchrun: ranks share the statistics
+        main = distributed.is_main(sharding)
+        merger = Merger(models, data, example_inputs=example, progress=main)
+        result = merger.merge(args.method, args.alpha, seed=args.seed)
+    if main:  # rank 0 writes
+        write_state_dict(result.model.state_dict(), output)
+        print(result.summary())
+        print(f"{time.perf_counter() - t0:.1f}s -> {output}")
     return 0
 
 

@@ -256,7 +256,7 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
         from tqdm import tqdm
         it = tqdm(it, desc=f"statistics ({len(chunk)} spaces)", leave=False)
     n_batches = 0
-    with torch.no_grad(), eval_mode(*models):
+    with distributed.together(sharding, "the statistics pass"), torch.no_grad(), eval_mode(*models):
         for batch in it:
             n_batches += 1
             runner(*as_input_tuple(input_fn(batch)))
