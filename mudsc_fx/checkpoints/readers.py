@@ -58,6 +58,10 @@ class CheckpointReader:
     def read(self, name: str, start: int = 0, stop: Optional[int] = None) -> Tensor:
         raise NotImplementedError
 
+    def read_into(self, name: str, start: int, out: Tensor) -> Tensor:
+        """Read ``out.numel()`` elements from ``start`` into ``out`` (converted to its dtype)."""
+        return out.copy_(self.read(name, start, start + out.numel()))
+
     def tensor(self, name: str) -> Tensor:
         """Tensor ``name`` with its shape (a private copy for file readers)."""
         return self.read(name).reshape(self.specs[name].shape)

@@ -110,6 +110,14 @@ class SafetensorsReader(CheckpointReader):
             self._read_into(self._data_start + self._offsets[name] + start * spec.dtype.itemsize, bytes_of(out))
         return out
 
+    def read_into(self, name: str, start: int, out: Tensor) -> Tensor:
+        spec, start, stop = self._span(name, start, start + out.numel())
+        if out.dtype != spec.dtype or not out.is_contiguous() or out.device.type != "cpu":
+            return out.copy_(self.read(name, start, stop))
+        if out.numel():  # straight into the caller's buffer: no intermediate copy
+            self._read_into(self._data_start + self._offsets[name] + start * spec.dtype.itemsize, bytes_of(out))
+        return out
+
     def _read_into(self, position: int, buffer: memoryview) -> None:
         self._file.seek(position)
         done = 0

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -60,6 +61,12 @@ def elect_and_mask(taus: Tensor) -> tuple[Tensor, Tensor]:
     return gamma.mul_(epsilon), masks
 
 
+def _l1_rows(values: Tensor) -> Tensor:
+    """Sum of |values| per row, accumulated in float64 (numpy's float64 reduction of float32 is
+    several times faster than torch's on CPU)."""
+    return torch.from_numpy(np.add.reduce(np.abs(values.numpy()), axis=1, dtype=np.float64))
+
+
 def run_emr(stream: TaskVectorStream, rescale: str, write_tau: Callable[[int, Tensor], None]) -> tuple[Tensor, Tensor]:
     """One pass: ``tau_uni`` (storage dtype) to ``write_tau(offset, values)`` chunk by chunk.
 
@@ -71,11 +78,11 @@ def run_emr(stream: TaskVectorStream, rescale: str, write_tau: Callable[[int, Te
     denominators = torch.zeros(stream.num_models, dtype=torch.float64)
     for chunk in stream.chunks():
         weight = 1.0 if rescale == "paper" else 1.0 / chunk.entry.numel
-        numerators += chunk.taus.abs().sum(1, dtype=torch.float64) * weight
+        numerators += _l1_rows(chunk.taus).mul_(weight)
         tau_uni, masks = elect_and_mask(chunk.taus)
         stored = tau_uni.to(layout.storage_dtype)
         write_tau(chunk.offset, stored)
-        denominators += (masks * stored.to(layout.work_dtype).abs_()).sum(1, dtype=torch.float64) * weight
+        denominators += _l1_rows(chunk.taus.copy_(masks).mul_(stored.to(layout.work_dtype))).mul_(weight)
         packer.append(masks)
     rescalers = torch.where(denominators > 0, numerators / denominators, 0.0)
     return packer.finish(), rescalers

@@ -60,8 +60,16 @@ def open_source(source: ModelSource, label: str) -> CheckpointReader:
                     f"returning one, got {type(source).__name__}")
 
 
+def all_finite(values: Tensor) -> bool:
+    """No NaN and no inf (min and max propagate both; one pass, no temporary)."""
+    if not values.is_floating_point() or values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def check_finite(values: Tensor, who: str, name: str) -> None:
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise ValueError(f"{who}: parameter {name!r} contains NaN or inf")
 
 
@@ -113,12 +121,12 @@ class TaskVectorStream:
         for entry in self.layout.merged if entries is None else entries:
             for start in range(0, entry.numel, self.chunk_size):
                 stop = min(entry.numel, start + self.chunk_size)
-                base = self.base.read(entry.name, start, stop).to(work, copy=True)
+                base = self.base.read_into(entry.name, start, torch.empty(stop - start, dtype=work))
                 check_finite(base, self.base.label, entry.name)
                 taus = torch.empty((len(self.models), stop - start), dtype=work)
                 for row, reader in zip(taus, self.models):
-                    row.copy_(reader.read(entry.name, start, stop))
-                if not bool(torch.isfinite(taus).all()):
+                    reader.read_into(entry.name, start, row)
+                if not all_finite(taus):
                     for row, reader in zip(taus, self.models):
                         check_finite(row, reader.label, entry.name)
                 taus.sub_(base)

@@ -36,12 +36,17 @@ LAM = 1.0
 
 
 def trim_elect_merge(taus: Tensor, thresholds: Tensor) -> Tensor:
-    """The disjoint mean of an (N, c) chunk trimmed at per-task ``thresholds`` (modifies ``taus``)."""
-    trimmed = taus.masked_fill_(taus.abs() < thresholds[:, None], 0)
+    """The disjoint mean of an (N, c) chunk trimmed at per-task ``thresholds`` (modifies ``taus``).
+
+    Masks are 0/1 floats multiplied in (one work buffer for both masks); a dropped value may
+    become -0.0, which changes no sum and no result.
+    """
+    keep = taus.abs().ge_(thresholds[:, None])  # 1 where |tau_t| >= the task's threshold
+    trimmed = taus.mul_(keep)
     gamma = summed(trimmed).sign_()
-    agrees = trimmed * gamma > 0
-    count = agrees.sum(0, dtype=torch.int32)
-    return summed(trimmed.masked_fill_(~agrees, 0)).div_(count.clamp_(min=1))
+    agrees = torch.mul(trimmed, gamma, out=keep).gt_(0)  # 1 where task t's sign is the elected one
+    count = summed(agrees).clamp_(min=1)
+    return summed(trimmed.mul_(agrees)).div_(count)
 
 
 def _merged_values(stream: TaskVectorStream, options: dict) -> Iterator[tuple[Entry, int, Tensor]]:

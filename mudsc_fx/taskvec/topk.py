@@ -44,34 +44,30 @@ def kth_largest(passes: Callable[[], Iterable[Tensor]], rank: int, rows: int, dt
     if int_dtype is None:
         raise TypeError(f"kth_largest works on float32 or float64 magnitudes, not {dtype}")
     bits = torch.finfo(dtype).bits
-    prefix = torch.zeros(rows, dtype=torch.int64)
-    remaining = torch.full((rows,), int(rank), dtype=torch.int64)
-    row_base = (torch.arange(rows, dtype=torch.int64) * _BINS)[:, None]
+    prefix = [0] * rows  # the digits found so far, per row
+    remaining = [int(rank)] * rows  # the rank still to find among the values sharing the prefix
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
-        counts = torch.zeros(rows * _BINS, dtype=torch.int64)
-        seen = torch.zeros(rows, dtype=torch.int64)
+        top = shift + _DIGIT == bits
+        counts = torch.zeros((rows, _BINS), dtype=torch.int64)
+        seen = 0
         for chunk in passes():
             if chunk.dtype != dtype or chunk.dim() != 2 or chunk.shape[0] != rows:
                 raise ValueError(f"kth_largest: expected ({rows}, c) {dtype} chunks, got {tuple(chunk.shape)} {chunk.dtype}")
-            pattern = chunk.view(int_dtype).to(torch.int64) if int_dtype is torch.int32 else chunk.view(int_dtype)
-            digit = (pattern >> shift) & (_BINS - 1)
-            index = digit + row_base
-            if shift + _DIGIT < bits:  # only values whose higher digits equal the prefix found so far
-                index = index[(pattern >> (shift + _DIGIT)) == prefix[:, None]]
-            else:
-                seen += chunk.shape[1]
-                index = index.reshape(-1)
-            counts += torch.bincount(index, minlength=rows * _BINS)
-        if shift + _DIGIT == bits and bool((seen < remaining).any()):
-            raise ValueError(f"kth_largest: rank {rank} exceeds the {int(seen.min())} values of a row")
-        # at_or_above[r, j]: values of row r among the candidates whose digit is >= 65535 - j
-        at_or_above = counts.view(rows, _BINS).flip(1).cumsum(1)
-        position = torch.searchsorted(at_or_above, remaining[:, None]).squeeze(1)
-        digit_value = _BINS - 1 - position
-        above = at_or_above.gather(1, position[:, None]).squeeze(1) - counts.view(rows, _BINS).gather(
-            1, digit_value[:, None]).squeeze(1)
-        remaining -= above
-        prefix = (prefix << _DIGIT) | digit_value
-    if int_dtype is torch.int32:
-        return prefix.to(torch.int32).view(torch.float32)
-    return prefix.view(torch.float64)
+            seen += chunk.shape[1]
+            for row, pattern in enumerate(chunk.view(int_dtype)):
+                if top:  # the sign bit is 0: the top digit needs no mask
+                    digits = pattern >> shift
+                else:  # only values whose higher digits equal the prefix found so far
+                    digits = pattern[(pattern >> (shift + _DIGIT)) == prefix[row]]
+                    digits = (digits >> shift) & (_BINS - 1) if shift else digits & (_BINS - 1)
+                counts[row] += torch.bincount(digits, minlength=_BINS)
+        if top and seen < rank:
+            raise ValueError(f"kth_largest: rank {rank} exceeds the {seen} values of a row")
+        # from the top digit down: the digit holding the remaining-th largest candidate
+        at_or_above = counts.flip(1).cumsum(1)
+        for row in range(rows):
+            position = int(torch.searchsorted(at_or_above[row], remaining[row]))
+            digit = _BINS - 1 - position
+            remaining[row] -= int(at_or_above[row, position]) - int(counts[row, digit])
+            prefix[row] = (prefix[row] << _DIGIT) | digit
+    return torch.tensor(prefix, dtype=int_dtype).view(dtype)
