@@ -3,6 +3,7 @@ the exact streaming top-k equals a sort, the method registry drives every entry 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import struct
 
@@ -221,3 +222,19 @@ def test_a_new_method_is_one_registration(tmp_path, monkeypatch):
     cli = read_state_dict(tmp_path / "cli.safetensors")
     half = task_arithmetic(base, models, lam=0.25).state_dict()
     assert all(torch.allclose(cli[n], t) for n, t in half.items())
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_in_memory_merges_do_not_depend_on_chunking_or_memory_format(method, options):
+    """channels_last weights (non-contiguous) in the inputs and the output, chunks of 5."""
+    base = convnet()
+    models = [finetune(base, s) for s in range(2)]
+    expected = IN_MEMORY[method](base, models, keep=HEAD, **options)
+    spec = get_method(method)
+    last = [m.to(memory_format=torch.channels_last) for m in [copy.deepcopy(base)] + copy.deepcopy(models)]
+    assert not last[0][0].weight.is_contiguous()
+    got = spec.merge_modules(last[0], last[1:], HEAD, spec.resolve(options), chunk_size=5)
+    if method == "emr":
+        assert torch.equal(got.tau_uni, expected.tau_uni) and got.rescalers == pytest.approx(expected.rescalers)
+    else:
+        assert all(torch.equal(got.state_dict()[n], t) for n, t in expected.state_dict().items())

@@ -99,7 +99,13 @@ class TensorMapReader(CheckpointReader):
                 raise CheckpointError(f"{label}: {name!r} is a {type(value).__name__}, not a tensor")
         self.specs = {name: TensorSpec.of(name, value) for name, value in self._tensors.items()}
         self.metadata = {}
+        self._flat: tuple[str, Tensor] = ("", torch.empty(0))  # last non-contiguous tensor, flattened
 
     def read(self, name: str, start: int = 0, stop: Optional[int] = None) -> Tensor:
         _, start, stop = self._span(name, start, stop)
-        return self._tensors[name].detach().reshape(-1)[start:stop]
+        tensor = self._tensors[name].detach()
+        if tensor.is_contiguous():
+            return tensor.view(-1)[start:stop]
+        if self._flat[0] != name:  # flatten once per tensor, not once per slice
+            self._flat = (name, tensor.reshape(-1))
+        return self._flat[1][start:stop]
