@@ -19,7 +19,7 @@ inferred graph must record a barrier at them.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
