@@ -20,9 +20,10 @@ Outcomes of one model (:func:`run_program`):
 from __future__ import annotations
 
 import copy
+import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -32,6 +33,7 @@ import mudsc_fx as mf
 from mudsc_fx.passes.apply import (apply_permutations, load_tensors, named_tensors, permutation_op,
                                    transform_params)
 from mudsc_fx.passes.check import perturb_
+from mudsc_fx.rules import table as rule_table
 
 from fuzz_models import (DEFAULT, LEAF_MODULES, Profile, GenerationFailed, Program, build, bypass, describe, drop_input,
                          generate_model, prune)
@@ -50,6 +52,8 @@ class Outcome:
     n_barriers: int = 0
     coverage: float = 0.0
     families: tuple[str, ...] = field(default=(), compare=False)
+    rule_keys: tuple[str, ...] = field(default=(), compare=False)  # rows of the rule table the graph used
+    seconds: float = field(default=0.0, compare=False)
 
     @property
     def failed(self) -> bool:
@@ -256,7 +260,8 @@ def run_program(program: Program, opts: Options = Options(), built=None) -> Outc
         except Exception as e:
             status, text = classify_error(e, model)
             return Outcome(status=status, detail=f"infer: {text}", **base)
-        stats = dict(n_free=len(pg.free_spaces), n_barriers=len(pg.barriers), coverage=pg.coverage())
+        stats = dict(n_free=len(pg.free_spaces), n_barriers=len(pg.barriers), coverage=pg.coverage(),
+                     rule_keys=rule_keys(pg.gm))
         for k in _barrier_steps(program):
             if not _has_barrier(pg, k, program.steps[k].op):
                 return Outcome(status="missing_barrier", detail=f"step {k} ({program.steps[k].op}) is not a barrier",
@@ -282,11 +287,46 @@ def run_program(program: Program, opts: Options = Options(), built=None) -> Outc
 
 
 def run_seed(seed: int, opts: Options = Options(), profile: Profile = DEFAULT) -> tuple[Optional[Program], Outcome]:
+    t = time.perf_counter()
     try:
         program, model, inputs = generate_model(seed, profile)
     except GenerationFailed as e:
         return None, Outcome(seed=seed, status="generator_failed", detail=str(e))
-    return program, run_program(program, opts, built=(model, inputs))
+    out = run_program(program, opts, built=(model, inputs))
+    return program, replace(out, seconds=time.perf_counter() - t)
+
+
+def key_name(k) -> str:
+    """A rule-table key as text: ``Tensor.view``, ``torch.nn.functional.conv2d``, ``torch.nn.Linear``."""
+    if isinstance(k, str):
+        return f"Tensor.{k}"
+    name = getattr(k, "__name__", repr(k))
+    for public, mod in _PUBLIC:
+        if getattr(mod, name, None) is k:
+            return f"{public}.{name}"
+    mod = getattr(k, "__module__", None) or ""
+    return f"{mod}.{getattr(k, '__qualname__', name)}".lstrip(".")
+
+
+_PUBLIC = (("torch.nn", torch.nn), ("F", torch.nn.functional), ("torch", torch), ("torch.linalg", torch.linalg),
+           ("operator", __import__("operator")), ("builtins", __import__("builtins")))
+
+
+def rule_keys(gm) -> tuple[str, ...]:
+    """The rule-table keys the nodes of a traced graph match (as :func:`key_name` text)."""
+    out = set()
+    for node in gm.graph.nodes:
+        k = None
+        if node.op == "call_module":
+            k = next((c for c in type(gm.get_submodule(node.target)).__mro__ if c in rule_table.RULES), None)
+        elif node.op in ("call_function", "call_method"):
+            k = node.target
+        try:
+            if k is not None and k in rule_table.RULES:
+                out.add(key_name(k))
+        except TypeError:
+            pass
+    return tuple(sorted(out))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ import mudsc_fx as mf
 from mudsc_fx.ir.layout import Concat, Kron, spaces_of
 from mudsc_fx.rules import table as rule_table
 
+from fuzz_harness import key_name, rule_keys
+
 torch.fx.wrap("len")  # len(x) becomes a call_function node (rule: non-tensor result)
 
 
@@ -1065,47 +1067,20 @@ UNREACHABLE = {
 }
 
 
-def _key_of(gm, node) -> Any:
-    if node.op == "call_module":
-        cls = type(gm.get_submodule(node.target))
-        for klass in cls.__mro__:
-            if klass in rule_table.RULES:
-                return klass
-        return None
-    if node.op in ("call_function", "call_method"):
-        return node.target
-    return None
-
-
-def _exercised(c: Case) -> set:
+def _exercised(c: Case) -> set[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = mf.trace(_seeded(c.build), c.inputs())
-    out = set()
-    for node in gm.graph.nodes:
-        k = _key_of(gm, node)
-        try:
-            if k is not None and k in rule_table.RULES:
-                out.add(k)
-        except TypeError:  # unhashable target
-            pass
-    return out
-
-
-def _name(k: Any) -> str:
-    if isinstance(k, str):
-        return f"Tensor.{k}"
-    return f"{getattr(k, '__module__', '')}.{getattr(k, '__qualname__', getattr(k, '__name__', repr(k)))}"
+        return set(rule_keys(mf.trace(_seeded(c.build), c.inputs())))
 
 
 def test_every_rule_key_has_a_per_op_case():
-    keys = set(rule_table.all_keys())
-    seen: set = set()
+    keys = {key_name(k) for k in rule_table.all_keys()} - {key_name(k) for k in UNREACHABLE}
+    seen: set[str] = set()
     for c in CASES:
         seen |= _exercised(c)
     with _cuda_patch():
         seen |= _exercised(CUDA_CASE)
-    missing = sorted(_name(k) for k in keys - seen if k not in UNREACHABLE)
+    missing = sorted(keys - seen)
     assert not missing, f"{len(missing)} rule keys have no per-op case in tests/test_ops.py: {missing}"
 
 
