@@ -1,9 +1,4 @@
-import os
-import sys
-
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/topologies.py
 
 # The suite runs many tiny ops: one intra-op thread avoids OpenMP oversubscription, which
 # made it ~10x slower on this 2-core machine. The zoo sweep raises it again for big models.

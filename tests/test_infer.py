@@ -48,10 +48,18 @@ def test_topology_coverage_matches_hand_derivation(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_frozen_producers_are_fixed_and_others_free(name):
     t, model, pg = _graph(name)
-    fixed_weights = {f"{p}.weight" for p in t.frozen}
-    for m in pg.members:
-        if m.fqn in fixed_weights and m.role == "out" and m.groups == 1:
-            assert all(not pg.is_free(s) for s in spaces_of(m.layout)), f"{m.fqn} should be fixed"
+    out_axis = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1, nn.Embedding: 1}
+    producers = {n: out_axis.get(type(m), 0) for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding))}
+    members = {(m.fqn, m.axis): m for m in pg.members}
+    for p, axis in producers.items():
+        m = members.get((f"{p}.weight", axis))
+        free = m is not None and all(pg.is_free(s) for s in spaces_of(m.layout))
+        if p in t.frozen:
+            assert not free, f"{p} should be fixed"
+        else:
+            assert free, f"{p} should be free"
 
 
 def test_check_does_not_modify_the_model():
