@@ -10,7 +10,7 @@ shrinks failing programs by dropping steps.
 >>> p = generate(7)
 >>> model, inputs = build(p)
 >>> out = model(*inputs)
->>> len(describe(p).splitlines()) == len(p.inputs) + len(p.steps) + 1
+>>> len(describe(p).splitlines()) == len(p.inputs) + len(p.steps) + 2  # header and return lines
 True
 """
 from __future__ import annotations
