@@ -74,7 +74,24 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
 
 
+def _mutable(a: Any) -> Any:
+    """fx hands a node's list/dict arguments over as immutable containers; a helper that
+    edits its argument in place (torchvision's video Swin) needs the plain ones that the
+    GraphModule's generated code passes."""
+    if isinstance(a, list):
+        return [_mutable(x) for x in a]
+    if type(a) is tuple:
+        return tuple(_mutable(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _mutable(v) for k, v in a.items()}
+    return a
+
+
 class _ShapeRecorder(fx.Interpreter):
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             out = super().run_node(n)
