@@ -282,8 +282,8 @@ def reset_batchnorm(model: nn.Module, data: Iterable, input_fn: Callable) -> nn.
 def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: str = "mudsc_zip",
                         alpha: Optional[float] = None, reset_bn: bool = True, seed: int = 0,
                         input_fn: Optional[Callable[[Any], Any]] = None, *, example_inputs: Any = None,
-                        whole_error: Optional[BaseException | str] = None, return_result: bool = False,
-                        **options: Any):
+                        whole_error: Optional[BaseException | str] = None, composition: Optional[Composition] = None,
+                        return_result: bool = False, **options: Any):
     """Merge models that do not trace as a whole: every traced submodule (see
     ``plan_composition``) is merged by :func:`mudsc_fx.merge` on the inputs it receives
     (model 0's submodule inputs, batch by batch), with its interface fixed; every parameter
@@ -291,7 +291,8 @@ def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = 
     ``merge_compositional(..., return_result=True).report`` (``.summary()``, ``.to_dict()``).
 
     Arguments as for :func:`mudsc_fx.merge`; ``options`` pass through to each unit's merge
-    (``fixed_params`` names are the whole model's). The inputs are never modified."""
+    (``fixed_params`` names are the whole model's). ``composition``: a plan of models[0] made
+    by :func:`plan_composition` (else one is made). The inputs are never modified."""
     from ..merge import _first_input, _reiterable, merge, method_config, validate_models
     from .stats import default_input_fn
 
@@ -309,7 +310,8 @@ def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = 
         raise ValueError("a data-free merge needs example_inputs= to trace the model")
     why = None if whole_error is None else whole_error if isinstance(whole_error, str) else _first_line(whole_error)
     with eval_mode(*models):
-        comp = plan_composition(models[0], example, seed=seed, leaf_modules=leaf_modules, whole_error=why)
+        comp = composition or plan_composition(models[0], example, seed=seed, leaf_modules=leaf_modules,
+                                               whole_error=why)
         warnings.warn(f"mudsc_fx: {comp.report.headline()}; see merge_compositional(..., return_result=True)"
                       ".report.summary()", stacklevel=2)
         log.info("%s", comp.report.summary())
