@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import conventions
+
 META_KEY = "mudsc_fx.value"
 
 
@@ -66,8 +68,8 @@ def tensor_value(node: Any) -> TensorValue | None:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_modules: tuple[type, ...] = ()):
-        super().__init__()
+    def __init__(self, leaf_modules: tuple[type, ...] = (), autowrap_functions: tuple = ()):
+        super().__init__(autowrap_functions=autowrap_functions)
         self._leaf_types = leaf_modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -159,10 +161,10 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type]
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
-    tracer = _Tracer(tuple(leaf_modules))
     with eval_mode(model), untouched(model):
-        try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
+        try:  # with the model library's own fx conventions where plain tracing fails (timm)
+            tracer, graph, _ = conventions.trace_fx(
+                model, lambda leaves, fns: _Tracer(tuple(leaf_modules) + leaves, fns), concrete_args)
         except Exception as e:
             raise TraceError(
                 f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
