@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Convention:
     """One library's fx conventions: ``leaf_modules()`` and ``functions()`` read the
-    library's registries (they grow as its model modules are imported)."""
+    library's registries (they grow as its model modules are imported); ``rule_leaves()``
+    are classes always traced as leaves because a rule covers them whole."""
     library: str
     leaf_modules: Callable[[], frozenset]
     functions: Callable[[], frozenset]
+    rule_leaves: Callable[[], tuple] = tuple
 
 
 def _timm_leaf_modules() -> frozenset:
@@ -42,7 +44,13 @@ def _timm_functions() -> frozenset:
     return frozenset(f for f in get_notrace_functions() if isinstance(f, types.FunctionType))
 
 
-CONVENTIONS: dict[str, Convention] = {"timm": Convention("timm", _timm_leaf_modules, _timm_functions)}
+def _timm_rule_leaves() -> tuple:
+    from ..rules.timm import rule_leaves
+    return rule_leaves()
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "timm": Convention("timm", _timm_leaf_modules, _timm_functions, _timm_rule_leaves)}
 
 
 def conventions_for(model: nn.Module) -> list[Convention]:
@@ -92,10 +100,11 @@ def trace_fx(model: nn.Module, make_tracer: Callable[[tuple, tuple], fx.Tracer],
     model library's conventions one by one where tracing fails inside them. The last error
     is raised when no convention covers it."""
     conventions = conventions_for(model)
+    always = tuple(k for c in conventions for k in c.rule_leaves())
     leaves: list[type] = []
     functions: list[Callable] = []
     for _ in range(max_rounds):
-        tracer = make_tracer(tuple(leaves), tuple(functions))
+        tracer = make_tracer(always + tuple(leaves), tuple(functions))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
             adopted = Adopted(tuple(leaves), tuple(functions))

@@ -46,6 +46,14 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in out if InferContext.is_tensor(a)]
 
 
+def metadata_only(ctx: InferContext, node: fx.Node, skip: int = 1) -> None:
+    """Tensor arguments after the first ``skip`` whose values the op does not read, only their
+    shape or dtype (``expand_as``, ``view_as``, ``type_as``): invariant on every axis."""
+    for t in tensor_args(node)[skip:]:
+        for a in ctx.tlabel(t).axes:
+            ctx.invariant(a)
+
+
 def fallback(ctx: InferContext, node: fx.Node, reason: str):
     ctx.barrier(node, reason)
     v = out_value(node)

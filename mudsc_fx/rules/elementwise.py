@@ -9,7 +9,7 @@ import torch.fx as fx
 from ..ir.trace import TensorValue
 from .context import InferContext, Parts, TensorLabel, fixed_label, op_name
 from .common import (
-    UNSET, arg, broadcast, fallback, fixed_of, norm_dims, out_value, tensor_args)
+    UNSET, arg, broadcast, fallback, fixed_of, metadata_only, norm_dims, out_value, tensor_args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -25,6 +25,12 @@ def passthrough(ctx: InferContext, node: fx.Node):
     if ctx.shape(tens[0]) != out.shape:
         return fallback(ctx, node, "shape changed in an elementwise op")
     return ctx.tlabel(tens[0])
+
+
+def type_as(ctx: InferContext, node: fx.Node):
+    """``x.type_as(other)``: a cast of x; other gives its dtype only."""
+    metadata_only(ctx, node)
+    return ctx.tlabel(node.args[0])
 
 
 def binary(ctx: InferContext, node: fx.Node):

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from ..ir.layout import Concat, Plain, kron
 from ..ir.trace import TensorValue, value_of
-from .context import AxisLabel, InferContext, ParamUse, TensorLabel, fixed_label
+from .context import AxisLabel, InferContext, ParamUse, TensorLabel, Within, fixed_label
 from .common import arg, fallback, is_head, is_layout
 
 
@@ -112,6 +112,14 @@ def _conv(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[
     else:
         wshape = w.use.shape
         cout = wshape[0]
+        if wshape[1] == 1 and groups == cin and cout == cin and isinstance(lin, Within):
+            # one depthwise filter bank for every block (heads folded into the batch axis): the
+            # blocks still move, the units inside them stay; the filters do not move
+            ctx.identity_within(lin.space)
+            w.unify(ctx, 0, None, why)
+            if b is not None:
+                b.unify(ctx, 0, None, why)
+            return _conv_output(ctx, node, x, ch, lin, None, why)
         if wshape[1] == 1 and groups == cin:  # depthwise: out unit o reads input unit o // mult
             src = lin if is_layout(lin) and not is_head(ctx, lin) else None
             if src is None:

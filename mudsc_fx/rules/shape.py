@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..ir.layout import Concat, Fixed, Kron, Plain, concat, kron, layout_size
 from ..ir.trace import TensorValue, value_of
 from .context import AxisLabel, InferContext, Parts, TensorLabel, Within, fixed_label
-from .common import arg, fallback, is_head, is_layout, out_value
+from .common import arg, fallback, is_head, is_layout, metadata_only, out_value, tensor_args
 
 
 # ---------------------------------------------------------------------------------------
@@ -22,6 +22,8 @@ def _merge(ctx: InferContext, labels: list[AxisLabel], sizes: list[int]) -> tupl
     nz = [i for i, a in enumerate(labels) if a is not None]
     if not nz:
         return True, None
+    if len(labels) == 1:  # nothing is flattened (size-1 axes dropped): the axis keeps its label
+        return True, labels[0]
     before = lambda i: math.prod(sizes[:i])  # noqa: E731
     after = lambda i: math.prod(sizes[i + 1:])  # noqa: E731
     if len(nz) == 1 and is_layout(labels[nz[0]]) and not is_head(ctx, labels[nz[0]]):
@@ -107,6 +109,7 @@ def reshape(ctx: InferContext, node: fx.Node):
     out = out_value(node)
     if not isinstance(out, TensorValue):
         return fallback(ctx, node, "reshape without a tensor result")
+    metadata_only(ctx, node)  # view_as / reshape_as(other): other's shape only
     n_fixed = ctx.fix_events()
     res = reshape_label(ctx, ctx.tlabel(x), ctx.shape(x), out.shape, f"reshape {node.name}")
     if ctx.fix_events() != n_fixed:
@@ -134,18 +137,35 @@ def permute(ctx: InferContext, node: fx.Node):
 
 
 def expand(ctx: InferContext, node: fx.Node):
+    metadata_only(ctx, node)  # expand_as(other): other's shape only
     x = node.args[0]
     lx, shp = ctx.tlabel(x), ctx.shape(x)
     out = out_value(node).shape
     off = len(out) - len(shp)
-    res = [None] * off
+    res: list[AxisLabel] = [None] * off
     for k, n in enumerate(shp):
         if n == 1 and out[off + k] != 1:
             ctx.fix(lx[k], "expanded size-1 axis")
-            res.append(None)
+            res.append(_expanded_within(ctx, res[-1] if res else None, out[off + k]))
         else:
             res.append(lx[k])
     return TensorLabel(tuple(res))
+
+
+def _expanded_within(ctx: InferContext, prev: AxisLabel, n: int) -> AxisLabel:
+    """An axis expanded from size 1 repeats one value, so every permutation of it is
+    consistent. Right after a head axis of G blocks (a per-group statistic expanded over its
+    group, as group-std norms do) it is labelled as the within-block axis of a fresh blocked
+    space on that head, so that reshaping (G, n) back into one axis gives a channel space that
+    can meet the normalised tensor's own. Elsewhere it stays fixed."""
+    if not is_head(ctx, prev):
+        return None
+    G = ctx.space_size(prev.space)
+    s = ctx.new_space(G * n)
+    if not ctx.set_blocks(s, G, n):
+        return None
+    ctx.unify(Plain(ctx.head_of(s)), prev, "group statistic expanded over its group")
+    return Within(s)
 
 
 def repeat(ctx: InferContext, node: fx.Node):
@@ -165,6 +185,30 @@ def repeat(ctx: InferContext, node: fx.Node):
             ctx.fix(a, "repeat of a structured axis")
             res.append(None)
     return TensorLabel(tuple(res))
+
+
+def repeat_interleave(ctx: InferContext, node: fx.Node):
+    """``repeat_interleave(x, r, dim)`` with an int ``r``: index i*r + j of ``dim`` is index i
+    of x (a kron layout, like ``repeat`` with the copies inside). Tensor repeats, or no dim
+    (a flattened result), fix what they touch."""
+    x = node.args[0]
+    lx, shp = ctx.tlabel(x), ctx.shape(x)
+    reps, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    out = out_value(node)
+    if not isinstance(reps, int) or dim is None or not isinstance(out, TensorValue) or out.ndim != len(shp):
+        ctx.fix(lx, f"repeat_interleave {node.name}")
+        for t in tensor_args(node)[1:]:
+            ctx.fix(ctx.label(t), f"repeats of {node.name}")
+        return fixed_label(out.ndim) if isinstance(out, TensorValue) else None
+    dim %= len(shp)
+    a = lx[dim]
+    if reps != 1 and a is not None:
+        if is_layout(a) and not is_head(ctx, a):
+            a = kron(a, 1, reps)
+        else:
+            ctx.fix(a, f"repeat_interleave of a structured axis {node.name}")
+            a = None
+    return lx.replace(dim, a)
 
 
 def cat(ctx: InferContext, node: fx.Node):
@@ -277,6 +321,9 @@ def _slice_label(ctx: InferContext, a: AxisLabel, n: int, sl: slice, why: str) -
     start, stop, step = slice(start, stop, step).indices(n)
     if (start, stop, step) == (0, n, 1) or a is None:
         return a
+    if isinstance(a, Within):  # some within-block units of every block: blocks move, units stay
+        ctx.identity_within(a.space)
+        return None
     if step != 1 or not is_layout(a) or is_head(ctx, a):
         ctx.fix(a, why)
         return None
@@ -331,6 +378,8 @@ def getitem(ctx: InferContext, node: fx.Node):
             if isinstance(a, Parts):  # picking part t: the other axes now speak of part t
                 cur = _substitute_part(ctx, TensorLabel(tuple(cur)), a, it % shp[axis])
                 res = [_sub_one(ctx, r, a, it % shp[axis]) for r in res]
+            elif isinstance(a, Within):  # one within-block unit of every block
+                ctx.identity_within(a.space)
             elif a is not None:
                 ctx.fix(a, why)
         elif isinstance(it, slice):

@@ -122,6 +122,8 @@ _rows(S.permute, torch.permute, torch.transpose, torch.movedim, torch.swapaxes, 
       "permute", "transpose", "movedim", "swapaxes", "swapdims", "t", "transpose_")
 _rows(S.expand, torch.broadcast_to, "expand", "expand_as", "broadcast_to")
 _rows(S.repeat, torch.tile, "repeat", "tile")
+_rows(S.repeat_interleave, torch.repeat_interleave, "repeat_interleave")
+_rows(E.type_as, "type_as")
 _rows(S.cat, torch.cat, torch.concat, torch.concatenate)
 _rows(S.stack, torch.stack)
 _rows(S.split, torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
@@ -168,7 +170,7 @@ _rows(L.multihead_attention, nn.MultiheadAttention)
 
 # --------------------------------------------------------------------------- third-party rows
 # library (top-level module name) -> module of rows with ``register(register_rule)``
-LIBRARIES: dict[str, str] = {"torchvision": "mudsc_fx.rules.torchvision"}
+LIBRARIES: dict[str, str] = {"torchvision": "mudsc_fx.rules.torchvision", "timm": "mudsc_fx.rules.timm"}
 _loaded: set[str] = set()
 
 

@@ -89,7 +89,11 @@ class SpaceTable:
         if label is None:
             return None
         if isinstance(label, Within):
-            return Within(self.find(label.space))
+            r = self.find(label.space)
+            a = self.alias[r]
+            if a is not None:  # blocks turned into copies of one layout (see _blocks_as_copies)
+                return self.resolve_label(a.parts[0]) if isinstance(a, Concat) else None
+            return Within(r)
         if isinstance(label, Parts):
             return Parts(tuple(self.find(s) for s in label.spaces))
         if isinstance(label, Fixed):
@@ -289,6 +293,24 @@ class SpaceTable:
             pieces.append(concat(cur))
         return pieces
 
+    def _blocks_as_copies(self, s: int, other: AxisLabel) -> Optional[Layout]:
+        """A blocked space whose block permutation is fixed is the direct sum of its blocks.
+        When its within axis meets a layout of one block's size (every block lines up with
+        the same units, as when per-path attention weights of size paths x C multiply a
+        stack of paths over C channels), every block carries that layout: the space becomes
+        concat(other, ..., other). None when that does not apply."""
+        r = self.find(s)
+        if other is None or isinstance(other, (Within, Parts)) or self.blocks[r] is None or self.fixed[r] \
+                or self.alias[r] is not None or self.within_identity[r] or self.head[r] is None \
+                or not self.fixed[self.find(self.head[r])]:
+            return None
+        G, g = self.blocks[r]
+        other = self.resolve(other)
+        if layout_size(other, self.space_size) != g or r in set(map(self.find, spaces_of(other))):
+            return None
+        self.alias[r] = Concat((other,) * G)
+        return other
+
     def unify(self, a: AxisLabel, b: AxisLabel, why: str) -> AxisLabel:
         """Axis labels that must carry the same permutation (elementwise / contraction)."""
         a, b = self.resolve_label(a), self.resolve_label(b)
@@ -303,9 +325,14 @@ class SpaceTable:
             return Within(self.find(a.space))
         if isinstance(a, Within) or isinstance(b, Within):
             w, other = (a, b) if isinstance(a, Within) else (b, a)
+            copies = self._blocks_as_copies(w.space, other)
+            if copies is not None:
+                return copies
+            # the units inside each block stay in place; the axis is still the within axis of w
+            # (so a later reshape can merge it with its head axis back into w's space)
             self.identity_within(w.space)
             self.fix_label(other, why)
-            return None
+            return Within(self.find(w.space))
         if a is None or b is None:
             self.fix_label(a if b is None else b, why)
             return None
