@@ -26,7 +26,7 @@ from torch import nn
 
 from . import distributed
 from .ir.graph import PermutationGraph
-from .ir.trace import as_input_tuple, eval_mode, untouched
+from .ir.trace import TraceError, as_input_tuple, eval_mode, untouched
 from .passes.apply import apply_permutations, named_tensors
 from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer
@@ -535,6 +535,8 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     ``leaf_modules``, ``fixed_params``, ``stats_budget_bytes``, ``verify``, ``progress``. The
     graph is proven on the first batch before anything is merged. The inputs are never
     modified. For the merge's report (coverage, frozen spaces, alignment) use :class:`Merger`.
+    A model that torch.fx cannot trace as a whole (a detector's per-image loops) is merged by
+    its traced submodules, with a warning (``mudsc_fx.passes.compose.merge_compositional``).
 
     >>> import torch, mudsc_fx as mf
     >>> nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)) for _ in range(2)]
@@ -548,7 +550,16 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     cfg = method_config(method, alpha, match, **options)  # option errors before any work
     if cfg.uses_activations and data is None:
         raise ValueError(f"method {method or 'mudsc_zip'!r} uses activations: pass calibration data")
-    merger = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged)
+    if isinstance(data, Iterator):
+        data = list(data)  # a generator: the compositional fallback reads it again
+    try:
+        merger = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged)
+    except TraceError as e:  # traces nowhere as a whole: merge its traced submodules (warns, reports)
+        if partial:
+            raise
+        from .passes.compose import merge_compositional
+        return merge_compositional(models, data, method, alpha, reset_bn, seed, input_fn, match=match,
+                                   example_inputs=example_inputs, whole_error=e, **staged, **options)
     return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **partial, **options).model
 
 

@@ -159,3 +159,13 @@ def test_recorded_calls_and_wrapped_call():
     assert type(wrap_call(net.backbone, calls["backbone"][0])) is not type(wrapped)  # one class per arity
     gm = mf.trace(wrapped, head_call.tensors)
     assert [n.op for n in gm.graph.nodes].count("placeholder") == 2
+
+
+def test_merge_falls_back_to_the_composition_with_a_warning():
+    a, b = _net(7), _net(8)
+    data = (_images(s, n=4) for s in range(2))  # a generator: read by the failed whole trace and again
+    with pytest.warns(UserWarning, match="does not trace as a whole.*only averaged"):
+        merged = mf.merge([a, b], data, method="zipit", input_fn=lambda x: (x,))
+    assert type(merged) is TinyDetector
+    torch.testing.assert_close(merged.temperature, (a.temperature + b.temperature) / 2)
+    assert not torch.allclose(merged.head.cls.weight, (a.head.cls.weight + b.head.cls.weight) / 2)

@@ -29,7 +29,7 @@ from ..ir.graph import PermutationGraph
 from ..ir.trace import as_input_tuple, eval_mode
 from .apply import load_tensors, named_tensors, permutation_op, random_permutations, transform_params
 from .calls import PREFIX, Call, record_calls, same_signature, wrap_call
-from .check import _flat_tensors, check, perturb_
+from .check import check, flat_tensors, perturb_
 from .compose_report import AveragedPart, CompositionReport, UnitReport, Untraced
 from .infer import infer
 
@@ -93,7 +93,8 @@ def _try_unit(path: str, module: nn.Module, calls: list[Call], seed: int,
             rep = check(wrapper, first.tensors, seed=seed, pg=graph, name=path)
     except Exception as e:  # any failure means: not a unit; try the children
         return None, _first_line(e)
-    if not rep.ok:
+    if not rep.ok:  # a rule bug: the submodule is not merged as a whole (its children are tried)
+        log.warning("submodule %s fails its equivalence check (max error %.2g)", path or "<model>", rep.max_abs_err)
         return None, f"equivalence check failed on its own (max error {rep.max_abs_err:.2g})"
     report = UnitReport(path or "<model>", type(module).__name__, _numel(_floating(module, True)), len(calls),
                         rep.n_spaces, rep.n_free, rep.coverage, len(rep.barriers), rep.max_abs_err)
@@ -180,8 +181,8 @@ def check_composition(model: nn.Module, example_inputs: Any, comp: Composition, 
     perturb_(ref, seed)
     permuted = permuted_copy(ref, comp, seed, units)
     with torch.no_grad(), eval_mode(ref, permuted):
-        a = _flat_tensors(ref(*inputs))
-        b = _flat_tensors(permuted(*inputs))
+        a = flat_tensors(ref(*inputs))
+        b = flat_tensors(permuted(*inputs))
     err, scale = 0.0, 0.0
     for x, y in zip(a, b):
         if x.shape != y.shape:
@@ -221,6 +222,10 @@ def _prove(model: nn.Module, inputs: tuple, comp: Composition, seed: int) -> Com
     return Composition(tuple(units), report)
 
 
+def _tensor_kinds(call: Call) -> list:
+    return [(t.dim(), tuple(t.shape[1:]), t.dtype) for t in call.tensors]
+
+
 def record_unit_inputs(model: nn.Module, comp: Composition, data: Iterable, input_fn: Callable) -> dict[str, list[tuple]]:
     """The tensors each unit of ``model`` receives on every batch of ``data`` (one item per call)."""
     out: dict[str, list[tuple]] = {u.path: [] for u in comp.units}
@@ -230,13 +235,13 @@ def record_unit_inputs(model: nn.Module, comp: Composition, data: Iterable, inpu
         for batch in data:
             for path, calls in record_calls(model, as_input_tuple(input_fn(batch)), list(units), keep="all").items():
                 for c in calls:
-                    if same_signature([units[path].call, c]):
+                    if same_signature([units[path].call, c]) and _tensor_kinds(c) == _tensor_kinds(units[path].call):
                         out[path].append(c.tensors)
-                    else:  # the unit's graph bakes in other constants: its statistics skip this call
+                    else:  # other constants (baked into the unit's graph) or other feature shapes
                         skipped[path] = skipped.get(path, 0) + 1
     for path, n in skipped.items():
-        log.warning("unit %s: %d calls with other constant arguments than the traced one are left out of "
-                    "its statistics", path, n)
+        log.warning("unit %s: %d calls whose constant arguments or input shapes differ from the traced call's "
+                    "are left out of its statistics", path, n)
     return out
 
 
@@ -279,35 +284,46 @@ def reset_batchnorm(model: nn.Module, data: Iterable, input_fn: Callable) -> nn.
     return model.eval()
 
 
-def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: str = "mudsc_zip",
+def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: Optional[str] = None,
                         alpha: Optional[float] = None, reset_bn: bool = True, seed: int = 0,
-                        input_fn: Optional[Callable[[Any], Any]] = None, *, example_inputs: Any = None,
-                        whole_error: Optional[BaseException | str] = None, composition: Optional[Composition] = None,
-                        return_result: bool = False, **options: Any):
+                        input_fn: Optional[Callable[[Any], Any]] = None, *, match: Optional[str] = None,
+                        example_inputs: Any = None, whole_error: Optional[BaseException | str] = None,
+                        composition: Optional[Composition] = None, return_result: bool = False,
+                        leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (),
+                        stats_budget_bytes: int = 2 << 30, progress: bool = False, verify: bool = True,
+                        **options: Any):
     """Merge models that do not trace as a whole: every traced submodule (see
-    ``plan_composition``) is merged by :func:`mudsc_fx.merge` on the inputs it receives
-    (model 0's submodule inputs, batch by batch), with its interface fixed; every parameter
-    outside the units is averaged. Warns with the headline of the report; the full report is
-    ``merge_compositional(..., return_result=True).report`` (``.summary()``, ``.to_dict()``).
+    ``plan_composition``) is merged by the library's :class:`~mudsc_fx.merge.Merger` on the
+    inputs it receives (model 0's submodule inputs, batch by batch), with its interface fixed;
+    every parameter outside the units is averaged. Warns with the headline of the report; the
+    full report is ``merge_compositional(..., return_result=True).report`` (``.summary()``,
+    ``.to_dict()``).
 
-    Arguments as for :func:`mudsc_fx.merge`; ``options`` pass through to each unit's merge
-    (``fixed_params`` names are the whole model's). ``composition``: a plan of models[0] made
-    by :func:`plan_composition` (else one is made). The inputs are never modified."""
-    from ..merge import _first_input, _reiterable, merge, method_config, validate_models
+    Arguments as for :func:`mudsc_fx.merge` (``fixed_params`` are the whole model's names;
+    ``options`` are MatchConfig fields for every unit). ``composition``: a plan of models[0]
+    made by :func:`plan_composition` (else one is made). The plan proves every unit on its
+    own and all units together on the whole model, so the units' mergers do not prove again
+    (``verify`` is accepted for the signature of ``merge`` and always holds). The inputs are
+    never modified."""
+    from ..merge import Merger, method_config, validate_models
     from .stats import default_input_fn
 
+    cfg = method_config(method, alpha, match, **options)  # option errors before any work
     validate_models(models)
-    leaf_modules = tuple(options.pop("leaf_modules", ()))
-    fixed_params = tuple(options.pop("fixed_params", ()))
-    cfg = method_config(method, alpha, options.get("match"))
+    leaf_modules, fixed_params = tuple(leaf_modules), tuple(fixed_params)
     input_fn = input_fn or default_input_fn
-    data = _reiterable(data)
+    if data is not None:
+        data = list(data) if iter(data) is data else data  # a generator: keep its batches
     if cfg.uses_activations and data is None:
-        raise ValueError(f"method {method!r} uses activations: pass calibration data")
-    example = _first_input(data, input_fn) if data is not None else as_input_tuple(example_inputs) \
-        if example_inputs is not None else None
-    if example is None:
-        raise ValueError("a data-free merge needs example_inputs= to trace the model")
+        raise ValueError(f"method {method or 'mudsc_zip'!r} uses activations: pass calibration data")
+    if data is not None:
+        example = next((as_input_tuple(input_fn(b)) for b in data), None)
+        if example is None:
+            raise ValueError("the calibration data is empty")
+    elif example_inputs is not None:
+        example = as_input_tuple(example_inputs)
+    else:
+        raise ValueError("pass calibration data, or example_inputs= for a data-free merge (rebasin, weight_zip)")
     why = None if whole_error is None else whole_error if isinstance(whole_error, str) else _first_line(whole_error)
     with eval_mode(*models):
         comp = composition or plan_composition(models[0], example, seed=seed, leaf_modules=leaf_modules,
@@ -320,10 +336,10 @@ def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = 
         results = {}
         for u in comp.units:
             wrappers = [wrap_call(m.get_submodule(u.path), u.call) for m in models]
-            batches = unit_data.get(u.path) or None
-            res = merge(wrappers, batches, method, alpha, reset_bn=False, seed=seed, input_fn=tuple,
-                        example_inputs=u.call.tensors, return_result=True, leaf_modules=leaf_modules,
-                        fixed_params=_unit_fixed_params(models[0], u.path, fixed_params), **options)
+            merger = Merger(wrappers, unit_data.get(u.path) or None, example_inputs=u.call.tensors, input_fn=tuple,
+                            leaf_modules=leaf_modules, fixed_params=_unit_fixed_params(models[0], u.path, fixed_params),
+                            verify=False, stats_budget_bytes=stats_budget_bytes, progress=progress)
+            res = merger.merge(method, alpha, reset_bn=False, seed=seed, match=match, **options)
             results[u.path] = res
             load_tensors(merged.get_submodule(u.path),
                          {n[len(PREFIX):]: t for n, t in named_tensors(res.model).items() if n.startswith(PREFIX)})

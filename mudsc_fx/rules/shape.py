@@ -32,11 +32,13 @@ def _merge(ctx: InferContext, labels: list[AxisLabel], sizes: list[int]) -> tupl
     if len(nz) == 2 and nz[1] == nz[0] + 1:
         h, w = labels[nz[0]], labels[nz[1]]
         if isinstance(w, Within) and isinstance(h, Plain) and ctx.head_of(w.space) == ctx.find(h.space):
+            ctx.invariant(h)  # the head axis is accounted for: it becomes the blocks of w's space
             return True, kron(Plain(ctx.find(w.space)), before(nz[0]), after(nz[1]))
     if len(nz) == 3 and nz[2] == nz[0] + 2:
         p, h, w = (labels[i] for i in nz)
         if isinstance(p, Parts) and isinstance(w, Within) and isinstance(h, Plain) \
                 and ctx.find(w.space) == ctx.find(p.spaces[0]) and ctx.head_of(w.space) == ctx.find(h.space):
+            ctx.invariant(h)
             return True, kron(Concat(tuple(Plain(s) for s in p.spaces)), before(nz[0]), after(nz[2]))
     return False, None
 
