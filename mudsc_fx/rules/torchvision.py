@@ -1,4 +1,5 @@
-"""Rows for torchvision: functions torchvision hides from fx with ``torch.fx.wrap``.
+"""Rows for torchvision: functions torchvision hides from fx with ``torch.fx.wrap`` (Swin's
+and video Swin's window attention and helpers, video MViT's squeeze helpers, stochastic depth).
 
 Registered through :func:`mudsc_fx.rules.table.register_library` on the first lookup after
 torchvision is imported (a model that calls them has imported it)."""
@@ -9,19 +10,39 @@ from typing import Callable
 import torch.fx as fx
 
 from ..ir.layout import Concat, Plain
-from .common import arg, fallback, is_head, is_layout
+from .common import arg, fallback, is_head, is_layout, out_value
 from .context import InferContext, TensorLabel
-from .elementwise import passthrough
+from .elementwise import non_tensor, passthrough
+from .shape import reshape_label
 from .layers import _operand, _qkv_spaces
 
 
 def register(add: Callable) -> None:
     from torchvision.ops import stochastic_depth
     from torchvision.models import swin_transformer as swin
+    from torchvision.models.video import mvit, swin_transformer as swin3d
     add(stochastic_depth, passthrough)
     add(swin._patch_merging_pad, swin_patch_merging_pad)
-    add(swin._get_relative_position_bias, swin_relative_position_bias)
+    add((swin._get_relative_position_bias, swin3d._get_relative_position_bias), swin_relative_position_bias)
     add(swin.shifted_window_attention, swin_window_attention)
+    add(swin3d.shifted_window_attention_3d, swin3d_window_attention)
+    add((swin3d._get_window_and_shift_size, swin3d._compute_pad_size_3d), non_tensor)
+    add(mvit._unsqueeze, mvit_unsqueeze)
+    add(mvit._squeeze, mvit_squeeze)
+
+
+def mvit_unsqueeze(ctx: InferContext, node: fx.Node):
+    """video MViT's ``_unsqueeze(x, target_dim, expand_dim) -> (x or x.unsqueeze(expand_dim), x.dim())``:
+    a size-1 axis may be inserted; the labels of the other axes move along."""
+    x, out = node.args[0], out_value(node)
+    lab = reshape_label(ctx, ctx.tlabel(x), ctx.shape(x), out[0].shape, f"_unsqueeze {node.name}")
+    return (lab, None)
+
+
+def mvit_squeeze(ctx: InferContext, node: fx.Node):
+    """video MViT's ``_squeeze``: the inverse, a size-1 axis may be dropped."""
+    x = node.args[0]
+    return reshape_label(ctx, ctx.tlabel(x), ctx.shape(x), out_value(node).shape, f"_squeeze {node.name}")
 
 
 def swin_patch_merging_pad(ctx: InferContext, node: fx.Node):
@@ -45,10 +66,22 @@ def swin_relative_position_bias(ctx: InferContext, node: fx.Node):
 
 _SWIN_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
               "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+_SWIN3D_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+                "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "training")
 
 
 def swin_window_attention(ctx: InferContext, node: fx.Node):
-    a = {n: arg(node, i, n) for i, n in enumerate(_SWIN_ARGS)}
+    return _window_attention(ctx, node, {n: arg(node, i, n) for i, n in enumerate(_SWIN_ARGS)})
+
+
+def swin3d_window_attention(ctx: InferContext, node: fx.Node):
+    """Video Swin's 3-d windows: the same attention over [B, T, H, W, C] (no logit scale)."""
+    a = {n: arg(node, i, n) for i, n in enumerate(_SWIN3D_ARGS)}
+    a["logit_scale"] = None
+    return _window_attention(ctx, node, a)
+
+
+def _window_attention(ctx: InferContext, node: fx.Node, a: dict):
     x = a["input"]
     lx, sx = ctx.tlabel(x), ctx.shape(x)
     E, H = sx[-1], a["num_heads"]
