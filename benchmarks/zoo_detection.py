@@ -1,0 +1,126 @@
+"""Every torchvision detection model merged end-to-end through the compositional fallback
+(random weights, small images). HEAVY: run it under the shared lock.
+
+    flock /tmp/mudsc_heavy.lock python benchmarks/zoo_detection.py              # all, writes JSON
+    flock /tmp/mudsc_heavy.lock python benchmarks/zoo_detection.py --only ssdlite320_mobilenet_v3_large --update
+
+Per model: the plan (largest traced submodules, each proven on its own inputs, all proven
+together on the whole model); a copy with every unit randomly permuted is merged back into
+the original with ``act_align`` (the merged detections must equal the original's); and two
+independent random inits are merged with ``mudsc_zip`` (BatchNorm statistics reset), which
+must run and give finite detections. The JSON keeps each model's composition report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks/results/zoo_detection.json"
+
+
+def build(name: str, seed: int, size: int = 96):
+    """A torchvision detection model with random weights, sized for a CPU: small images, few
+    proposals and detections, and a score threshold of 0 so that every image yields boxes."""
+    import torchvision
+    kw: dict = {"weights": None, "weights_backbone": None}
+    if name.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn")):
+        kw.update(min_size=size, max_size=size, box_score_thresh=0.0, rpn_pre_nms_top_n_test=100,
+                  rpn_post_nms_top_n_test=50, box_detections_per_img=20)
+    elif name.startswith(("retinanet", "fcos")):
+        kw.update(min_size=size, max_size=size, score_thresh=0.0, topk_candidates=100, detections_per_img=20)
+    elif name.startswith("ssd"):  # SSD resizes to its own fixed size (300 / 320)
+        kw.update(score_thresh=0.0, topk_candidates=100, detections_per_img=20)
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, **kw).eval()
+
+
+def images(seed: int, n: int = 2, size: int = 96) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, size, size + 16 * k, generator=g) for k in range(n)]
+
+
+def detections(model, imgs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t for d in model(imgs) for _, t in sorted(d.items())]
+
+
+def run_one(name: str, size: int = 96) -> dict:
+    from mudsc_fx.passes import compose as C
+    import mudsc_fx as mf
+    row: dict = {"model": name}
+    t0 = time.perf_counter()
+    a = build(name, 0, size)
+    example = (images(100, size=size),)
+    data = [images(s, size=size) for s in range(2)]
+    try:
+        mf.trace(a, example)
+        row["whole"] = "traces"
+    except mf.TraceError as e:
+        row["whole"] = str(e).splitlines()[0][:200]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comp = C.plan_composition(a, example, whole_error=row["whole"])
+        row["plan_seconds"] = round(time.perf_counter() - t0, 1)
+        t = time.perf_counter()
+        b = C.permuted_copy(a, comp, seed=1)
+        back = C.merge_compositional([a, b], data, "act_align", reset_bn=False, input_fn=lambda x: (x,),
+                                     composition=comp)
+        want, got = detections(a, example[0]), detections(back, example[0])
+        row["merge_back_max_abs_err"] = max(((x.float() - y.float()).abs().max().item() if x.numel() else 0.0)
+                                            for x, y in zip(want, got)) if len(want) == len(got) else float("inf")
+        row["detections"] = sum(x.shape[0] for x in want[:1])
+        row["merge_back_seconds"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        c = build(name, 1, size)
+        merged = C.merge_compositional([a, c], data, "mudsc_zip", input_fn=lambda x: (x,), composition=comp)
+        out = detections(merged, example[0])
+        row["independent_finite"] = all(bool(torch.isfinite(x.float()).all()) for x in out)
+        row["independent_seconds"] = round(time.perf_counter() - t, 1)
+    row["report"] = comp.report.to_dict()
+    row["summary"] = comp.report.summary()
+    row["ok"] = (row["merge_back_max_abs_err"] <= 1e-4 and row["independent_finite"]
+                 and comp.report.max_abs_err is not None and comp.report.max_abs_err < 1e-8)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def main(argv=None) -> int:
+    import torchvision
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="comma-separated model names")
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--update", action="store_true")
+    p.add_argument("--json", default=str(OUT))
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    names = torchvision.models.list_models(module=torchvision.models.detection)
+    if args.only:
+        names = [n for n in names if n in set(args.only.split(","))]
+    path = Path(args.json)
+    rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if args.update and path.exists() else {}
+    for name in names:
+        try:
+            row = run_one(name, args.size)
+        except Exception as e:  # one broken model must not hide the others
+            row = {"model": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
+        rows[name] = row
+        print(f"{name:<40} ok={row['ok']} merged {row.get('report', {}).get('merged_fraction', 0):.3f} of params, "
+              f"merge-back err {row.get('merge_back_max_abs_err', '-')}, {row.get('seconds', '-')} s "
+              f"{row.get('error', '')}", flush=True)
+        path.write_text(json.dumps({"torchvision": torchvision.__version__, "size": args.size,
+                                    "rows": [rows[n] for n in sorted(rows)]}, indent=1))
+    for r in rows.values():
+        if "summary" in r:
+            print("\n" + r["summary"])
+    return 0 if all(r["ok"] for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
