@@ -93,11 +93,21 @@ def permutation_op(perms: Mapping[int, np.ndarray]) -> SpaceOp:
 def apply_permutations(model: nn.Module, pg: PermutationGraph, perms: Mapping[int, np.ndarray]) -> nn.Module:
     """A permuted copy of ``model`` (the input is not modified)."""
     out = copy.deepcopy(model)
-    tensors, op = named_tensors(out), permutation_op(perms)
+    permute_in_place(out, pg, perms)
+    return out
+
+
+def permute_in_place(model: nn.Module, pg: PermutationGraph, perms: Mapping[int, np.ndarray]) -> None:
+    """Permute ``model``'s own tensors (only for a model the caller owns, e.g. a proof copy);
+    ``inverse_permutations(perms)`` undoes it exactly."""
+    tensors, op = named_tensors(model), permutation_op(perms)
     with torch.no_grad():
         for fqn, members in members_by_fqn(pg).items():
             _permute_in_place(tensors[fqn], members, op, pg.size)
-    return out
+
+
+def inverse_permutations(perms: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    return {s: np.argsort(np.asarray(p)) for s, p in perms.items()}
 
 
 _SLICE_BYTES = 64 << 20

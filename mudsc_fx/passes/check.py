@@ -9,6 +9,7 @@ moves a space that was not proven.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..ir.graph import Barrier, PermutationGraph
 from ..ir.trace import as_input_tuple, eval_mode
-from .apply import apply_permutations, random_permutations
+from .apply import inverse_permutations, permute_in_place, random_permutations
 from .infer import infer
 
 FAILED_REASON = "failed the equivalence check"
@@ -88,12 +89,24 @@ def _double_inputs(example_inputs: Any) -> tuple:
                  for x in as_input_tuple(example_inputs))
 
 
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` without an intermediate float32 copy (a deepcopy whose memo
+    already holds the converted parameters and buffers)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point() and id(t) not in memo:
+            d = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(d, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else d
+    return copy.deepcopy(model, memo)
+
+
 class _Prover:
-    """The float64 reference model and its outputs; ``error(perms)`` runs one permuted copy."""
+    """The float64 reference model and its outputs; ``error(perms)`` permutes the reference in
+    place, runs it and permutes it back (one float64 copy of the model in memory, not two)."""
 
     def __init__(self, model: nn.Module, pg: PermutationGraph, example_inputs: Any, seed: int, perturb: bool):
         self.pg = pg
-        self.ref = copy.deepcopy(model).double()
+        self.ref = _float64_copy(model)
         if perturb:
             perturb_(self.ref, seed)
         self.inputs = _double_inputs(example_inputs)
@@ -105,9 +118,12 @@ class _Prover:
         self.scale = max((x.abs().max().item() for x in self.out if x.is_floating_point() and x.numel()), default=0.0)
 
     def error(self, perms: dict) -> float:
-        permuted = apply_permutations(self.ref, self.pg, perms)
-        with torch.no_grad(), eval_mode(permuted):
-            got = flat_tensors(permuted(*self.inputs))
+        permute_in_place(self.ref, self.pg, perms)
+        try:
+            with torch.no_grad(), eval_mode(self.ref):
+                got = flat_tensors(self.ref(*self.inputs))
+        finally:
+            permute_in_place(self.ref, self.pg, inverse_permutations(perms))
         if len(got) != len(self.out):
             return float("inf")
         err = 0.0
