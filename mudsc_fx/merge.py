@@ -351,17 +351,13 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None, *,
-             within: Optional[nn.Module] = None) -> nn.Module:
+def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None) -> nn.Module:
     """Recompute BatchNorm running statistics on ``data`` (cumulative average), in place;
-    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged. With
-    ``within``, only the BatchNorm layers inside that submodule are reset (the forward still
-    runs the whole model).
+    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged.
 
     >>> # merged = mf.reset_bn(merged, loader)
     """
-    bns = [(name, m) for name, m in (within or model).named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
     input_fn = input_fn or default_input_fn
@@ -472,7 +468,8 @@ class Merger:
         ``stop_at`` (partial zipping): merge only up to a node or module name, or a fraction of
         the FLOPs; the result runs the merged trunk once and each model's own tail, returning
         the N tails' outputs, or ``combine`` of them ("sum_softmax", "mean_logits", "concat" or a
-        callable). BatchNorm is reset in the trunk only; ``MergeResult.cost`` gives its size."""
+        callable). BatchNorm is reset everywhere (the tails read the merged trunk's features);
+        ``MergeResult.cost`` gives its size."""
         cfg = method_config(method, alpha, match, **options)
         method = method or (_FAMILY[match][1] if match else "mudsc_zip")
         seed = _check_int("seed", seed)
@@ -503,8 +500,9 @@ class Merger:
         t = time.perf_counter()
         merged.eval()
         if reset_bn and self.data is not None and has_batchnorm(merged):
-            within = merged.trunk if cut is not None else None
-            globals()["reset_bn"](merged, self.data, self.input_fn, within=within)
+            # a partial merge resets its tails too: they now read the merged trunk's features
+            # (ResNet-20x2 BN on digits, zip cut after layer1: Joint 61.9 trunk only, 74.2 all)
+            globals()["reset_bn"](merged, self.data, self.input_fn)
         seconds["reset_bn"] = time.perf_counter() - t
         cost = None if cut is None else cost_report(self.graph, merged, _small_example(self.example))
         log.info("merge %s: %s", method, ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))

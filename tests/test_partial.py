@@ -96,7 +96,7 @@ def test_cut_by_module_name_node_name_and_fraction():
         merger.merge("zipit", stop_at=1.5)
 
 
-def test_combine_and_cost_and_bn_reset_in_the_trunk_only():
+def test_combine_and_cost_and_bn_reset_everywhere():
     torch.manual_seed(0)
     a, b = Net().eval(), Net().eval()
     merger = mf.Merger([a, b], _data())
@@ -109,10 +109,12 @@ def test_combine_and_cost_and_bn_reset_in_the_trunk_only():
         outs = tails(x)
     torch.testing.assert_close(probs, sum(torch.softmax(o, -1) for o in outs))
     torch.testing.assert_close(probs.sum(-1), torch.full((4,), 2.0))
-    # the tails keep each model's own BatchNorm statistics; the trunk's are recomputed
+    # every BatchNorm is recomputed on the data (the tails read the merged trunk's features) ...
     tail_bn = res.model.tails[1].get_submodule("block.1")
-    torch.testing.assert_close(tail_bn.running_mean, b.block[1].running_mean)
+    assert not torch.equal(tail_bn.running_mean, b.block[1].running_mean)
     assert not torch.equal(res.model.trunk.get_submodule("stem.1").running_mean, a.stem[1].running_mean)
+    # ... and the input models keep theirs
+    assert b.block[1].running_mean is not tail_bn.running_mean
     c = res.cost
     assert 1.0 < c["flops_vs_one"] < 2.0 and c["flops_vs_ensemble"] == pytest.approx(c["flops_vs_one"] / 2)
     assert c["params_vs_one"] == pytest.approx((2 * sum(p.numel() for p in a.parameters())
