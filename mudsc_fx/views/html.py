@@ -57,7 +57,8 @@ def _space_records(pg: PermutationGraph, ol: Outline, elements: dict, matches: O
                 taps.setdefault(s, []).append({"dir": direction, "node": t.node, "axis": t.axis,
                                                "layout": describe(t.layout), "proj": proj})
     ties = pg.ties()
-    mods = {s: it.modules for it in ol.items + ol.bands for s in it.spaces}
+    where = {s: chain(it.modules, limit=6) for it in ol.items for s in it.spaces}
+    where.update({s: b.note for b in ol.bands for s in b.spaces})
     out = []
     for sp in pg.spaces:
         m = None if matches is None else matches.get(sp.id)
@@ -66,7 +67,7 @@ def _space_records(pg: PermutationGraph, ol: Outline, elements: dict, matches: O
             "why": space_status(pg, sp.id).why, "structure": structure(pg, sp.id),
             "fixed_by": sorted(sp.fixed_by), "blocks": list(sp.blocks) if sp.blocks else None,
             "head": sp.head, "within": sp.within, "ties": list(ties.get(sp.id, ())),
-            "title": chain(mods.get(sp.id, ()), limit=6),
+            "title": where.get(sp.id, ""),
             "element": {view: elements[view].get(sp.id) for view in elements},
             "members": [{"param": mm.fqn, "axis": mm.axis, "role": mm.role, "layout": describe(mm.layout)}
                         for mm in sp.members],

@@ -1,7 +1,7 @@
 """Per-space facts about a finished merge, read from its alignment and statistics.
 
 For every space: how it was merged (a permutation, zip clusters, another matrix, plain
-averaging, or left fixed), the mean activation correlation of the units it merged together
+averaging, kept separate after the cut of a partial merge, or left fixed), the mean activation correlation of the units it merged together
 (the matching quality the solver saw on the calibration data; units that never varied on the
 data have no correlation and are left out, and counted as ``dead``), and how many units were
 zipped with another unit of their *own* model (ZipIt's within-model merges).
@@ -15,12 +15,13 @@ from typing import Any, Optional
 import numpy as np
 
 from ..ir.graph import PermutationGraph
+from ..ir.layout import spaces_of
 
 
 @dataclass(frozen=True)
 class SpaceMatch:
     space: int
-    method: str                    # permutation | zip | matrix | average | fixed
+    method: str                    # permutation | zip | matrix | average | separate | fixed
     similarity: Optional[float]    # mean correlation of matched live units; None without statistics
     within: int                    # units zipped with another unit of the same model
     merged: int                    # units of the merged space
@@ -73,6 +74,12 @@ def space_matches(result: Any) -> dict[int, SpaceMatch]:
     pg: PermutationGraph = result.graph
     al = result.alignment
     stats = getattr(result, "stats", None)
+    cut = getattr(result, "cut", None)
+    trunk = None if cut is None else set(cut.trunk)
+    writers: dict[int, set[str]] = {}
+    for node, layout in pg.producers:
+        for t in spaces_of(layout):
+            writers.setdefault(t, set()).add(node)
     out: dict[int, SpaceMatch] = {}
     for sp in pg.spaces:
         s, n = sp.id, sp.size
@@ -92,9 +99,12 @@ def space_matches(result: Any) -> dict[int, SpaceMatch]:
                 continue
             sim = None if corr is None else _cluster_similarity(corr, np.concatenate(labels), alive)
             out[s] = SpaceMatch(s, "zip", sim, _within(labels), merged, dead)
+        elif not pg.is_free(s):
+            out[s] = SpaceMatch(s, "fixed", None, 0, n, dead)
+        elif trunk is not None and writers.get(s) and not writers[s] & trunk:
+            out[s] = SpaceMatch(s, "separate", None, 0, n, dead)  # after a partial merge's cut
         else:
-            method = "average" if pg.is_free(s) else "fixed"
-            out[s] = SpaceMatch(s, method, None, 0, n, dead)
+            out[s] = SpaceMatch(s, "average", None, 0, n, dead)
     return out
 
 

@@ -16,6 +16,8 @@
   let current = DATA.default_view;
   let vb = null;
   let selected = [];
+  let hitSpaces = [];
+  let selectedSpaces = [];
   const paramNames = Object.keys(DATA.params).sort();
 
   function el(tag, attrs) {
@@ -223,7 +225,9 @@
       panel.appendChild(p);
     }
     it.spaces.forEach(function (s) { panel.appendChild(spaceCard(s)); });
+    selectedSpaces = it.spaces.slice();
     selected = [key];
+    hitSpaces = [];
     mark(selected, "sel");
     mark([], "hit");
     if (focus) centreOn(boxOf(key));
@@ -255,6 +259,7 @@
       panel.appendChild(card);
     });
     if (!p.axes.length) panel.appendChild(el("div", { cls: "muted", text: "no axis of this tensor is governed by a space" }));
+    hitSpaces = spaces;
     const keys = keysOf(spaces);
     mark(keys, "hit");
     mark([], "sel");
@@ -325,11 +330,11 @@
     DATA.views.forEach(function (v) { views[v].style.display = v === view ? "block" : "none"; });
     current = view;
     fitWidth();
-    if (selected.length) {
-      const spaces = DATA.items[current][selected[0]] ? DATA.items[current][selected[0]].spaces : [];
-      selected = keysOf(spaces);
+    if (selected.length) {  // the same spaces, in the boxes of the new view
+      selected = keysOf(selectedSpaces);
       mark(selected, "sel");
     }
+    if (hitSpaces.length) mark(keysOf(hitSpaces), "hit");
     return box;
   }
   if (foldBox) {
@@ -357,11 +362,23 @@
     });
   }
 
+  // the address can open the page in a state: #S12, #param=NAME, #q=TEXT, view=full, colour=quality
+  const opts = {};
+  (location.hash || "").slice(1).split("&").forEach(function (part) {
+    if (!part) return;
+    const i = part.indexOf("=");
+    if (i < 0) opts[part] = true;
+    else opts[part.slice(0, i)] = decodeURIComponent(part.slice(i + 1));
+  });
+  if (opts.view && views[opts.view]) current = opts.view;
   help();
   show(current);
-  const h = decodeURIComponent(location.hash || "");
-  if (h.indexOf("#param=") === 0) showParam(h.slice(7));
-  else if (/^#S\d+$/.test(h) && DATA.spaces[+h.slice(2)]) showSpace(+h.slice(2));
+  if (foldBox) foldBox.checked = current === "folded";
+  if (opts.colour && colourSel) { colourSel.value = opts.colour; colourSel.dispatchEvent(new Event("change")); }
+  const space = Object.keys(opts).filter(function (k) { return /^S\d+$/.test(k); })[0];
+  if (opts.param && DATA.params[opts.param]) showParam(opts.param);
+  else if (space && DATA.spaces[+space.slice(1)]) showSpace(+space.slice(1));
+  if (opts.q) { search.value = opts.q; search.dispatchEvent(new Event("input")); }
   window.addEventListener("resize", function () {
     if (!vb) return;
     const r = canvas.getBoundingClientRect();
