@@ -22,6 +22,7 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     import mudsc_fx as mf
     from . import zoo
     from .merge import PRESETS
+    from . import views
     from .viz import render_graph
 
     torch.manual_seed(seed)
@@ -76,6 +77,7 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     picture = render_graph(graph, out / "permutation_graph.png",
                            title=f"{arch_name} permutation graph: {len(graph.free_spaces)}/{len(graph.spaces)} "
                                  f"spaces free, coverage {graph.coverage():.2f}")
+    views.write_html(res, out / "permutation_graph.html", title=f"{arch_name} merged with {res.method}")
     (out / "permutation_graph.dot").write_text(graph.to_dot())
     (out / "permutation_graph.json").write_text(graph.to_json())
     timings["total"] = time.perf_counter() - t0
@@ -89,7 +91,7 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     log("")
     log("stage seconds per method: " + "; ".join(
         f"{m}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for m, s in stage_times.items()))
-    log(f"wrote {out / 'results.md'}, {picture} (and .dot/.json); total {timings['total']:.1f}s")
+    log(f"wrote {out / 'results.md'}, {picture} (and .html/.dot/.json); total {timings['total']:.1f}s")
     return result
 
 
