@@ -3,6 +3,7 @@ screenshots of the interactive page taken with headless Chromium.
 
     python docs/tools/inspect_images.py            # writes docs/img/inspect_*.png
     python docs/tools/inspect_images.py --no-shots # pictures only (no Chromium needed)
+    python docs/tools/inspect_images.py --no-merge # without the merge example (no training)
 
 Chromium is only needed here (Debian: ``apt-get install chromium``), never by the library,
 the tests or CI. The merge example trains two tiny ViTs on disjoint halves of scikit-learn's
@@ -73,6 +74,7 @@ def shoot(html: Path, png: Path, fragment: str = "", size: str = "1600,900") -> 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-shots", action="store_true", help="only the pictures (no Chromium)")
+    p.add_argument("--no-merge", action="store_true", help="skip the merge example (it trains two models)")
     args = p.parse_args()
     IMG.mkdir(parents=True, exist_ok=True)
     r18 = graph("resnet18", (1, 3, 64, 64))
@@ -81,9 +83,10 @@ def main() -> int:
     for name, pg in (("resnet18", r18), ("vit_b_16", vit), ("swin_b", swin)):
         out = views.render(pg, IMG / f"inspect_{name}.png", title=f"torchvision {name}")
         print(f"wrote {out.relative_to(ROOT)}")
-    res = merged_vits()
-    out = views.render(res, IMG / "inspect_merge_vit.png", title="two tiny ViTs merged with mudsc_zip")
-    print(f"wrote {out.relative_to(ROOT)}")
+    res = None if args.no_merge else merged_vits()
+    if res is not None:
+        out = views.render(res, IMG / "inspect_merge_vit.png", title="two tiny ViTs merged with mudsc_zip")
+        print(f"wrote {out.relative_to(ROOT)}")
     if args.no_shots:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,9 +95,10 @@ def main() -> int:
         shoot(tmp / "resnet18.html", IMG / "inspect_page_resnet18.png", "#S4")
         views.write_html(vit, tmp / "vit_b_16.html", title="torchvision vit_b_16")
         shoot(tmp / "vit_b_16.html", IMG / "inspect_page_vit_b_16.png",
-              "#param=encoder.layers.encoder_layer_3.self_attention.in_proj_weight")
-        views.write_html(res, tmp / "merge.html", title="two tiny ViTs merged with mudsc_zip")
-        shoot(tmp / "merge.html", IMG / "inspect_page_merge.png", "#S4&colour=quality")
+              "#param=encoder.layers.encoder_layer_3.self_attention.in_proj_weight&view=full")
+        if res is not None:
+            views.write_html(res, tmp / "merge.html", title="two tiny ViTs merged with mudsc_zip")
+            shoot(tmp / "merge.html", IMG / "inspect_page_merge.png", "#S4&colour=quality")
     return 0
 
 

@@ -226,7 +226,7 @@ def arrange(ol: Outline, items: Sequence[Item], *, title: str = "", subtitle: st
         labels.append(Label(MARGIN, y, title, TITLE, C["text"], True))
         y += TITLE * 1.45
     if subtitle:
-        for line in wrap(subtitle, int((row_width - 2 * MARGIN) / (0.61 * FONT)), 3):
+        for line in wrap(subtitle, int((min(row_width, 1000.0) - 2 * MARGIN) / (0.61 * FONT)), 3):
             labels.append(Label(MARGIN, y, line, FONT, C["muted"]))
             y += FONT * 1.4
     y += 8
@@ -317,6 +317,8 @@ def arrange(ol: Outline, items: Sequence[Item], *, title: str = "", subtitle: st
                 xs = [dict(row)[k] + measured[k].w / 2]
             x0 = MARGIN - 6 if before else (min(xs) - 8 if xs else MARGIN - 6)
             x1 = right + 6 if after else (max(xs) + 8 if xs else right + 6)
+            if before and not after:  # a stream ending early in this row: room for its id at least
+                x1 = max(x1, x0 + text_width(f"S{b}", SMALL) + 16)
             segs.append((x0, x1, b))
         lanes = _lanes(segs)
         lane_top = top + H + 14
@@ -345,8 +347,9 @@ def arrange(ol: Outline, items: Sequence[Item], *, title: str = "", subtitle: st
         y = lane_top + n_lanes * LANE + 22
         width = max(width, right + MARGIN)
 
-    if legend:
-        y = _legend(y, row_width, rects, labels, folded=any(len(it.copies) > 1 for it in items))
+    if legend:  # as wide as the rows (a narrow model gets a narrow picture), at least 720 px
+        y = _legend(y, min(row_width, max(width, 720.0)), rects, labels,
+                    folded=any(len(it.copies) > 1 for it in items))
     width = max([width] + [lab.box[0] + lab.box[2] + MARGIN for lab in labels])
     boxes = {k: [union_box(v)] if k.startswith("b") else v for k, v in boxes.items()}
     rects.sort(key=lambda r: r.z)

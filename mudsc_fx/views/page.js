@@ -56,8 +56,9 @@
     apply();
   }
   function fitWidth() {
+    // the whole width in view, magnified at most 1.6 times (a small model stays readable)
     const s = size(), r = canvas.getBoundingClientRect();
-    const k = s.w / r.width;
+    const k = Math.max(s.w / r.width, 1 / 1.6);
     vb = { x: 0, y: 0, w: s.w, h: r.height * k };
     apply();
   }
@@ -208,7 +209,8 @@
     clear();
     panel.appendChild(el("h2", { text: it.title }));
     panel.appendChild(el("div", { cls: "muted", text: it.kind_text }));
-    if (it.note) panel.appendChild(why("fixed: " + it.note));
+    if (it.kind === "barrier") panel.appendChild(why("fixed: " + it.note));
+    else if (it.note) panel.appendChild(el("div", { cls: "mono", text: it.note }));
     if (it.copies.length > 1) {
       const p = el("div", { cls: "card" }, el("div", { text: "\u00d7" + it.copies.length + " identical blocks drawn once:" }));
       it.copies.forEach(function (spaces, i) {
