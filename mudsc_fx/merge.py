@@ -26,7 +26,7 @@ from torch import nn
 
 from . import distributed
 from .ir.graph import PermutationGraph
-from .ir.trace import TraceError, as_input_tuple, eval_mode, untouched
+from .ir.trace import ModelCall, TraceError, call_model, eval_mode, model_call, untouched
 from .passes.apply import apply_permutations, named_tensors
 from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer
@@ -76,7 +76,7 @@ def _check_option_names(method: str, cfg: MatchConfig, overrides: dict) -> None:
     for key in overrides:
         if key not in valid:
             raise ValueError(f"unknown merge option {key!r}; valid options: {', '.join(sorted(valid))}, "
-                             "leaf_modules, fixed_params, stats_budget_bytes, verify, progress")
+                             "leaf_modules, fixed_params, frontend, stats_budget_bytes, verify, progress")
     if cfg.match != "zip":
         for key in _ZIP_ONLY:
             if key in overrides:
@@ -274,9 +274,11 @@ def compare_structures(models: Sequence[nn.Module]) -> None:
             raise ValueError(f"model {i}'s graph has {len(sig)} nodes, model 0's has {len(sig0)}")
 
 
-def _input_signature(inputs: tuple) -> list[Any]:
-    return [(x.dim(), tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
-            for x in inputs]
+def _input_signature(call: ModelCall) -> list[Any]:
+    """Per input (position or keyword name): rank, shape after the batch axis and dtype."""
+    inputs = list(enumerate(call.args)) + list(call.kwargs.items())
+    return [(k, (x.dim(), tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__)
+            for k, x in inputs]
 
 
 def _describe(sig: Any) -> str:
@@ -296,9 +298,9 @@ class CheckedBatches:
                             f"got {type(data).__name__}")
         self.data = list(data) if iter(data) is data else data  # keep a generator's batches
         self.input_fn = input_fn
-        self.first: Optional[tuple] = None
+        self.first: Optional[ModelCall] = None
         for batch in self.data:
-            self.first = as_input_tuple(input_fn(batch))
+            self.first = model_call(input_fn(batch))
             break
         if self.first is None:
             raise ValueError("the calibration data is empty")
@@ -306,23 +308,25 @@ class CheckedBatches:
 
     def __iter__(self) -> Iterator:
         for k, batch in enumerate(self.data):
-            sig = _input_signature(as_input_tuple(self.input_fn(batch)))
+            sig = _input_signature(model_call(self.input_fn(batch)))
             if sig != self.signature:
                 bad = next(j for j in range(max(len(sig), len(self.signature)))
                            if j >= len(sig) or j >= len(self.signature) or sig[j] != self.signature[j])
-                got = _describe(sig[bad]) if bad < len(sig) else "nothing"
-                want = _describe(self.signature[bad]) if bad < len(self.signature) else "nothing"
-                raise ValueError(f"calibration batch {k}: input {bad} is {got}, but the first batch's is {want}; "
+                got = _describe(sig[bad][1]) if bad < len(sig) else "nothing"
+                want = _describe(self.signature[bad][1]) if bad < len(self.signature) else "nothing"
+                which = (sig if bad < len(sig) else self.signature)[bad][0]
+                raise ValueError(f"calibration batch {k}: input {which!r} is {got}, but the first batch's is {want}; "
                                  "every batch must match the first (except the batch size)")
             yield batch
 
 
-def _small_example(inputs: tuple, n: int = 4) -> tuple:
+def _small_example(inputs: ModelCall, n: int = 4) -> ModelCall:
     """The first n samples of a batch (when every tensor input shares its leading size)."""
-    sizes = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
+    sizes: set[int] = set()
+    inputs.map_tensors(lambda x: sizes.add(x.shape[0]) if x.dim() > 0 else None)
     if len(sizes) != 1 or sizes.pop() <= n:
         return inputs
-    return tuple(x[:n] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+    return inputs.map_tensors(lambda x: x[:n] if x.dim() > 0 else x)
 
 
 def _check_leaf_modules(leaf_modules: Any) -> tuple[type, ...]:
@@ -374,7 +378,7 @@ def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = No
         with distributed.together(sharding, "reset_bn"), torch.no_grad():
             for batch in distributed.shard(data, sharding):
                 try:
-                    model(*as_input_tuple(input_fn(batch)))
+                    call_model(model, input_fn(batch))
                 except ValueError as e:
                     if "more than 1 value per channel" in str(e):
                         raise ValueError(f"reset_bn: calibration batch {n} gives BatchNorm one value per channel "
@@ -411,7 +415,7 @@ class Merger:
     def __init__(self, models: Sequence[nn.Module], data: Optional[Iterable] = None, *,
                  example_inputs: Any = None, input_fn: Optional[Callable[[Any], Any]] = None,
                  leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (), verify: bool = True,
-                 stats_budget_bytes: int = 2 << 30, progress: bool = False):
+                 stats_budget_bytes: int = 2 << 30, progress: bool = False, frontend: str = "auto"):
         t = time.perf_counter()
         self.leaf_modules = _check_leaf_modules(leaf_modules)
         self.fixed_params = _check_fixed_params(fixed_params)
@@ -427,12 +431,13 @@ class Merger:
         if self.data is not None:
             example = self.data.first
         elif example_inputs is not None:
-            example = as_input_tuple(example_inputs)
+            example = model_call(example_inputs)
         else:
             raise ValueError("pass calibration data, or example_inputs= for a data-free merge (rebasin, weight_zip)")
         self.seconds: dict[str, float] = {}
         with eval_mode(*self.models):
-            graph = infer(self.models[0], example, leaf_modules=self.leaf_modules, fixed_params=self.fixed_params)
+            graph = infer(self.models[0], example, leaf_modules=self.leaf_modules, fixed_params=self.fixed_params,
+                          frontend=frontend)
             self.seconds["infer"] = time.perf_counter() - t
             self.verification: Optional[Verification] = None
             if verify:
@@ -530,7 +535,7 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     ``input_fn`` for anything else). ``method``: one of PRESETS (default "mudsc_zip").
     ``alpha``: weight of the weight similarity (0 = activations only, 1 = weights only).
     ``options``: MatchConfig fields (``zip_a``, ``zip_b``, ``weight_normalize``, ...) and
-    ``leaf_modules``, ``fixed_params``, ``stats_budget_bytes``, ``verify``, ``progress``. The
+    ``leaf_modules``, ``fixed_params``, ``frontend``, ``stats_budget_bytes``, ``verify``, ``progress``. The
     graph is proven on the first batch before anything is merged. The inputs are never
     modified. For the merge's report (coverage, frozen spaces, alignment) use :class:`Merger`.
     A model that torch.fx cannot trace as a whole (a detector's per-image loops) is merged by
@@ -542,7 +547,7 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     >>> merged(torch.randn(1, 4)).shape
     torch.Size([1, 2])
     """
-    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress")
+    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend")
               if k in options}
     partial = {k: options.pop(k) for k in ("stop_at", "combine") if k in options}
     cfg = method_config(method, alpha, match, **options)  # option errors before any work
@@ -571,7 +576,7 @@ def align_models(models: Sequence[nn.Module], data: Optional[Iterable] = None, m
     cfg = method_config(method, alpha)
     if cfg.match != "align":
         raise ValueError(f"align_models needs a permutation method (act_align, mudsc_align, rebasin), got {method!r}")
-    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress")
+    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend")
               if k in options}
     res = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged).merge(
         method, alpha, reset_bn=False, seed=seed, **options)

@@ -7,15 +7,19 @@ with :func:`value_of`; it raises if the model was not traced by :func:`trace`.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import traceback
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from . import conventions
+
+log = logging.getLogger(__name__)
 
 META_KEY = "mudsc_fx.value"
 
@@ -118,10 +122,13 @@ def eval_mode(*models: nn.Module):
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
+    """Positional inputs only (kept for callers that splat a tuple); see :func:`model_call`."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, ModelCall) and not example_inputs.kwargs:
+        return example_inputs.args
     raise TypeError(f"example_inputs must be a tensor or a tuple of model inputs, got {type(example_inputs).__name__}")
 
 
@@ -139,6 +146,121 @@ def untouched(model: nn.Module):
                 delattr(model, name)
 
 
+# ---------------------------------------------------------------------------------------
+# inputs as users have them: one place that turns a batch into the model's call arguments
+# and into the traced graph's placeholders (trace, check, stats, merge and reset_bn use it)
+# ---------------------------------------------------------------------------------------
+INPUTS_KEY = "mudsc_fx.inputs"  # gm.meta: how a call maps onto the graph's placeholders
+LABEL_KEYS = ("labels", "label")  # dropped from dict batches: targets, not model inputs
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """A batch as the model's call arguments: ``model(*args, **kwargs)``."""
+    args: tuple
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], Any]) -> "ModelCall":
+        """The same call with ``fn`` applied to every tensor (nested tuples/lists/dicts too)."""
+        return ModelCall(_map_tensors(self.args, fn), _map_tensors(dict(self.kwargs), fn))
+
+
+def _map_tensors(v: Any, fn: Callable) -> Any:
+    if isinstance(v, torch.Tensor):
+        return fn(v)
+    if isinstance(v, tuple):
+        return tuple(_map_tensors(x, fn) for x in v)
+    if isinstance(v, list):
+        return [_map_tensors(x, fn) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _map_tensors(x, fn) for k, x in v.items()}
+    return v
+
+
+def model_call(example_inputs: Any, model: Optional[nn.Module] = None) -> ModelCall:
+    """Example inputs as call arguments: a tensor, a tuple/list of positional inputs, or a
+    dict (any Mapping, e.g. a tokenizer's BatchEncoding) of keyword inputs.
+
+    For a Hugging Face model that takes ``use_cache`` and is not told otherwise, the call
+    asks for no key/value cache: the cache is internal state for generation (permuted
+    consistently with the weights), not an output whose value the symmetry must keep."""
+    if isinstance(example_inputs, ModelCall):
+        call = example_inputs
+    elif isinstance(example_inputs, torch.Tensor):
+        call = ModelCall((example_inputs,))
+    elif isinstance(example_inputs, (tuple, list)):
+        call = ModelCall(tuple(example_inputs))
+    elif isinstance(example_inputs, Mapping):
+        call = ModelCall((), dict(example_inputs))
+    else:
+        raise TypeError(f"example inputs must be a tensor, a tuple/list of positional inputs or a dict of "
+                        f"keyword inputs, got {type(example_inputs).__name__}")
+    if model is not None and _is_transformers(model) and "use_cache" not in call.kwargs:
+        params = _forward_params(model)
+        if "use_cache" in params and params.index("use_cache") >= len(call.args):
+            call = ModelCall(call.args, {**call.kwargs, "use_cache": False})
+    return call
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    return any(k.__module__.startswith("transformers.") for k in type(model).__mro__)
+
+
+def _forward_params(model: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on example inputs or a prepared call (see :func:`model_call`)."""
+    call = model_call(inputs, model)
+    return model(*call.args, **call.kwargs)
+
+
+def default_input_fn(batch: Any) -> Any:
+    """The model inputs in a calibration batch: a tensor; the first item of a tuple/list
+    (the rest are labels); a dict of keyword inputs (``labels``/``label`` keys dropped; a
+    dict with an ``input`` key gives that value)."""
+    if isinstance(batch, (torch.Tensor, ModelCall)):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
+        return batch[0] if isinstance(batch[0], torch.Tensor) else default_input_fn(batch[0])
+    if isinstance(batch, Mapping):
+        if "input" in batch:
+            return batch["input"]
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}: pass input_fn=")
+
+
+def graph_inputs(gm: fx.GraphModule, inputs: Any) -> tuple:
+    """The values of ``gm``'s placeholders, in order, for the given model inputs (what a
+    GraphModule copied from ``gm``'s graph, e.g. a statistics tap module, is called with)."""
+    binder = gm.meta.get(INPUTS_KEY)
+    if binder is None:
+        binder = _SignatureInputs([n.target for n in gm.graph.nodes if n.op == "placeholder"],
+                                  inspect.signature(gm.forward))
+    return binder.flatten(model_call(inputs))
+
+
+@dataclass(frozen=True)
+class _SignatureInputs:
+    """torch.fx graphs: one placeholder per parameter of the model's forward."""
+    names: list
+    signature: inspect.Signature
+
+    def flatten(self, call: ModelCall) -> tuple:
+        if not call.kwargs:
+            return call.args
+        try:
+            bound = self.signature.bind(*call.args, **call.kwargs)
+        except TypeError as e:
+            raise TypeError(f"inputs do not match the traced forward{self.signature}: {e}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+
 def _user_frame(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
@@ -147,11 +269,21 @@ def _user_frame(exc: BaseException) -> str:
     return "(no user frame found)"
 
 
-def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type] = (),
-          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Trace ``model`` symbolically and record every node's output shape.
+FRONTENDS = ("auto", "fx", "export")
 
-    The returned GraphModule shares parameters with ``model`` (nothing is copied or changed).
+
+def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type] = (),
+          concrete_args: dict[str, Any] | None = None, frontend: str = "auto",
+          dynamic: bool = True) -> fx.GraphModule:
+    """Trace ``model`` and record every node's output shape.
+
+    ``frontend``: ``"fx"`` (torch.fx symbolic tracing, module calls kept as nodes), ``"export"``
+    (torch.export, non-strict: an ATen-level graph whose parameters are read with get_attr
+    under the model's own state_dict names) or ``"auto"``: fx, and export when fx fails.
+    ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    ``dynamic`` (export): the batch axis stays symbolic, so calibration batches of another
+    batch size run on the same graph. The GraphModule shares parameters with ``model``
+    (nothing is copied or changed).
 
     >>> import torch, mudsc_fx as mf
     >>> gm = mf.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()), torch.randn(2, 4))
@@ -160,7 +292,34 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    inputs = as_input_tuple(example_inputs)
+    if frontend not in FRONTENDS:
+        raise ValueError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
+    call = model_call(example_inputs, model)
+    if frontend == "export":
+        return _export(model, call, dynamic)
+    try:
+        return _fx_trace(model, call, tuple(leaf_modules), concrete_args)
+    except TraceError as fx_error:
+        if frontend == "fx":
+            raise
+        log.info("torch.fx could not trace %s, trying torch.export: %s", type(model).__name__,
+                 str(fx_error).splitlines()[0])
+        try:
+            return _export(model, call, dynamic)
+        except TraceError as export_error:
+            raise TraceError(f"{type(model).__name__} could not be traced by either front end.\n"
+                             f"torch.fx: {fx_error}\ntorch.export: {export_error}") from export_error
+
+
+def _export(model: nn.Module, call: ModelCall, dynamic: bool) -> fx.GraphModule:
+    from .export import export_trace
+    with eval_mode(model):
+        gm = export_trace(model, call, dynamic=dynamic)
+        record_shapes(gm, call)
+    return gm
+
+
+def _fx_trace(model: nn.Module, call: ModelCall, leaf_modules: tuple, concrete_args) -> fx.GraphModule:
     with eval_mode(model), untouched(model):
         try:  # with the model library's own fx conventions where plain tracing fails (timm)
             tracer, graph, _ = conventions.trace_fx(
@@ -173,9 +332,14 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type]
                 "becomes a barrier unless a rule exists for it), pass concrete_args for Python-level flags, or "
                 "wrap the helper function with torch.fx.wrap.") from e
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*inputs)
+        record_shapes(gm, call)
     return gm
+
+
+def record_shapes(gm: fx.GraphModule, inputs: Any) -> None:
+    """Run ``gm`` once on ``inputs`` and store every node's abstract value (``value_of``)."""
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*graph_inputs(gm, inputs))
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module:

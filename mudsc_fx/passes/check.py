@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ir.graph import Barrier, PermutationGraph
-from ..ir.trace import as_input_tuple, eval_mode
+from ..ir.trace import ModelCall, eval_mode, model_call
 from .apply import inverse_permutations, permute_in_place, random_permutations
 from .infer import infer
 
@@ -84,9 +84,9 @@ def perturb_(model: nn.Module, seed: int, small: int = 1 << 16) -> None:
                 t.add_(scale * noise)
 
 
-def _double_inputs(example_inputs: Any) -> tuple:
-    return tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                 for x in as_input_tuple(example_inputs))
+def _double_inputs(example_inputs: Any, model: nn.Module) -> ModelCall:
+    """The model's call arguments (tensor, tuple or dict of keyword inputs), floats in float64."""
+    return model_call(example_inputs, model).map_tensors(lambda x: x.double() if x.is_floating_point() else x)
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
@@ -109,9 +109,9 @@ class _Prover:
         self.ref = _float64_copy(model)
         if perturb:
             perturb_(self.ref, seed)
-        self.inputs = _double_inputs(example_inputs)
+        self.inputs = _double_inputs(example_inputs, model)
         with torch.no_grad(), eval_mode(self.ref):
-            self.out = flat_tensors(self.ref(*self.inputs))
+            self.out = flat_tensors(self.ref(*self.inputs.args, **self.inputs.kwargs))
         if any(x.is_floating_point() and not torch.isfinite(x).all() for x in self.out):
             raise ValueError("non-finite activations: the model's outputs on the example input contain NaN or "
                              "inf (in float64), so no permutation can be proven; check the weights and the inputs")
@@ -121,7 +121,7 @@ class _Prover:
         permute_in_place(self.ref, self.pg, perms)
         try:
             with torch.no_grad(), eval_mode(self.ref):
-                got = flat_tensors(self.ref(*self.inputs))
+                got = flat_tensors(self.ref(*self.inputs.args, **self.inputs.kwargs))
         finally:
             permute_in_place(self.ref, self.pg, inverse_permutations(perms))
         if len(got) != len(self.out):
@@ -171,10 +171,13 @@ def locate_failures(prover: _Prover, tol: float, seed: int) -> tuple[int, ...]:
 
 def check(model: nn.Module, example_inputs: Any, seed: int = 0, *, pg: Optional[PermutationGraph] = None,
           perturb: bool = True, leaf_modules: Iterable[type] = (), rtol: float = 1e-7,
-          name: Optional[str] = None) -> CheckReport:
+          name: Optional[str] = None, frontend: str = "auto") -> CheckReport:
     """Prove the inferred permutation graph on ``model``: draw a random valid permutation for
     every free space, apply it to a float64 copy and compare outputs with the unpermuted copy.
-    On failure the failing spaces are located and named in the report.
+    On failure the failing spaces are located and named in the report. ``example_inputs``: a
+    tensor, a tuple of positional inputs or a dict of keyword inputs; every tensor leaf of the
+    outputs (tuples, dicts, ModelOutput, dataclasses) is compared. ``frontend``: see
+    :func:`mudsc_fx.trace`.
 
     >>> import torch, mudsc_fx as mf
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -184,7 +187,7 @@ def check(model: nn.Module, example_inputs: Any, seed: int = 0, *, pg: Optional[
     t0 = time.perf_counter()
     name = name or type(model).__name__
     if pg is None:
-        pg = infer(model, example_inputs, leaf_modules=leaf_modules)
+        pg = infer(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
     prover = _Prover(model, pg, example_inputs, seed, perturb)
     tol = rtol * max(1.0, prover.scale)
     err = prover.error(random_permutations(pg, np.random.default_rng(seed)))

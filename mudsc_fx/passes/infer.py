@@ -70,10 +70,12 @@ def _fixed_like(val: Any) -> Any:
 
 
 def infer(model: nn.Module, example_inputs: Any = None, *, gm: Optional[fx.GraphModule] = None,
-          leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = ()) -> PermutationGraph:
+          leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (),
+          frontend: str = "auto") -> PermutationGraph:
     """Infer which units of ``model`` can be permuted together without changing its function.
 
     ``fixed_params``: parameter names whose axes must not move (a frozen shared head).
+    ``example_inputs`` and ``frontend``: see :func:`mudsc_fx.trace`.
 
     >>> import torch, mudsc_fx as mf
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -82,7 +84,7 @@ def infer(model: nn.Module, example_inputs: Any = None, *, gm: Optional[fx.Graph
     [8]
     """
     if gm is None:
-        gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
     ctx = InferContext(gm, model)
     unknown: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -166,8 +168,36 @@ def _unify_tied(ctx: InferContext) -> None:
                 ctx.table.unify(a, b, f"tied parameter {key}")
 
 
+def _flatten_heads(T) -> None:
+    """One level of blocks: a blocked space whose head space has blocks of its own (query
+    heads of grouped-query attention move with their key/value head) becomes blocks of the
+    outer head, units inside a block in place (a subgroup of the nested symmetry, so sound);
+    a head space with blocks becomes such a unit space itself."""
+    roots = [s for s in range(len(T.parent)) if T.find(s) == s]
+    for r in roots:
+        if T.is_head[r] and T.blocks[r] is not None:
+            T.within_identity[r] = True
+    flat = {}
+    for r in roots:
+        if T.blocks[r] is None:
+            continue
+        (G, g), h, ident, seen = T.blocks[r], T.find(T.head[r]), T.within_identity[r], {r}
+        while T.blocks[h] is not None and h not in seen:
+            seen.add(h)
+            G, k = T.blocks[h]
+            g, ident = k * g, ident or k > 1
+            h = T.find(T.head[h])
+        flat[r] = ((G, g), h, ident)
+    for r, (blocks, h, ident) in flat.items():
+        T.blocks[r], T.head[r], T.within_identity[r] = blocks, h, ident
+        T.is_head[r] = False
+        if T.fixed[h] and not T.fixed[r] and ident:
+            T.fix_space(r, "its blocks cannot move")
+
+
 def _freeze(ctx: InferContext) -> PermutationGraph:
     T = ctx.table
+    _flatten_heads(T)
     # members: one per (canonical tensor, axis), from its first use
     members: list[Member] = []
     seen: set[tuple[str, int]] = set()

@@ -22,7 +22,7 @@ from torch import nn
 from .. import distributed
 from ..ir.graph import PermutationGraph, Tap
 from ..ir.layout import Concat, Fixed, Kron, Layout, Plain, layout_size
-from ..ir.trace import as_input_tuple, eval_mode
+from ..ir.trace import default_input_fn, eval_mode, graph_inputs
 from ..numerics import MomentAccumulator, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,6 @@ class Statistics:
     samples: dict[int, int]
     dead: dict[int, np.ndarray]
     n_models: int
-
-
-def default_input_fn(batch: Any) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    if isinstance(batch, dict) and "input" in batch:
-        return (batch["input"],)
-    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}: pass input_fn=")
 
 
 def space_features(x: torch.Tensor, layout: Layout, size: Callable[[int], int]) -> list[tuple[int, torch.Tensor]]:
@@ -259,7 +249,7 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
     with distributed.together(sharding, "the statistics pass"), torch.no_grad(), eval_mode(*models):
         for batch in it:
             n_batches += 1
-            runner(*as_input_tuple(input_fn(batch)))
+            runner(*graph_inputs(pg.gm, input_fn(batch)))
     del scratch, runner
     n_batches = distributed.all_reduce_moments(acc, n_batches, sharding)
     if n_batches == 0:

@@ -374,6 +374,9 @@ class InferContext:
             touched.add(s)
         roots = {T.find(r) for s in touched for r in spaces_of(T.resolve(Plain(s)))} | \
                 {T.find(s) for s in touched}
+        # a blocked space carries its block structure: its head axis is accounted for with it
+        # (a [heads, within] pair flattened into one axis)
+        roots |= {h for h in (T.head_of(r) for r in list(roots)) if h is not None}
         consumed: list[tuple[str, int, AxisLabel]] = []
         for a in flat_args(node):
             lab = self.label(a)

@@ -29,6 +29,16 @@ def _merge(ctx: InferContext, labels: list[AxisLabel], sizes: list[int]) -> tupl
     if len(nz) == 1 and is_layout(labels[nz[0]]) and not is_head(ctx, labels[nz[0]]):
         p = nz[0]
         return True, kron(labels[p], before(p), after(p))
+    if len(nz) == 1 and is_head(ctx, labels[nz[0]]):
+        # a head axis flattened with the fixed axes after it ([H, d] with d pinned, or heads
+        # repeated for grouped-query attention): a fresh space of H blocks that move with the
+        # heads, units inside a block in place
+        p = nz[0]
+        o = ctx.new_space(sizes[p] * after(p))
+        ctx.set_blocks(o, sizes[p], after(p))
+        ctx.unify(Plain(ctx.head_of(o)), labels[p], "flattened head axis")
+        ctx.identity_within(o)
+        return True, kron(Plain(ctx.find(o)), before(p), 1)
     if len(nz) == 2 and nz[1] == nz[0] + 1:
         h, w = labels[nz[0]], labels[nz[1]]
         if isinstance(w, Within) and isinstance(h, Plain) and ctx.head_of(w.space) == ctx.find(h.space):

@@ -170,7 +170,9 @@ _rows(L.multihead_attention, nn.MultiheadAttention)
 
 # --------------------------------------------------------------------------- third-party rows
 # library (top-level module name) -> module of rows with ``register(register_rule)``
-LIBRARIES: dict[str, str] = {"torchvision": "mudsc_fx.rules.torchvision", "timm": "mudsc_fx.rules.timm"}
+LIBRARIES: dict[str, str] = {"torchvision": "mudsc_fx.rules.torchvision", "timm": "mudsc_fx.rules.timm",
+                             "torch": "mudsc_fx.rules.aten",  # torch.export graphs (ATen ops)
+                             "transformers": "mudsc_fx.rules.transformers"}
 _loaded: set[str] = set()
 
 

@@ -127,7 +127,9 @@ class SpaceTable:
         if label is None:
             return
         if isinstance(label, Within):
-            self.fix_space(label.space, reason)
+            # an op that cannot track the units inside a head (a slice, a per-head reduction):
+            # it acts alike on every head, so heads still move; the units inside do not
+            self.identity_within(label.space)
         elif isinstance(label, Parts):
             for s in label.spaces:
                 self.fix_space(s, reason)
@@ -188,12 +190,16 @@ class SpaceTable:
         if self.alias[ra] is not None or self.alias[rb] is not None:
             self.unify_layouts(self.resolve(Plain(ra)), self.resolve(Plain(rb)))
             return
-        if self.size[ra] != self.size[rb] or self.is_head[ra] != self.is_head[rb] and (
-                self.blocks[ra] or self.blocks[rb]):
+        if self.size[ra] != self.size[rb]:
             self.conflict(f"spaces of size {self.size[ra]} and {self.size[rb]} must be one", Plain(ra), Plain(rb))
             return
         ba, bb = self.blocks[ra], self.blocks[rb]
         ha, hb = self.head[ra], self.head[rb]
+        # a head axis may meet a blocked space (the heads of grouped-query attention move in
+        # groups): the head space then has blocks of its own, flattened when the graph is frozen
+        if (ba is None) != (bb is None) and self.find(hb if ba is None else ha) in (ra, rb):
+            self.conflict("a space meets its own head", Plain(ra), Plain(rb))
+            return
         self.parent[rb] = ra
         self.reasons[ra] |= self.reasons[rb]
         self.within_identity[ra] = self.within_identity[ra] or self.within_identity[rb]

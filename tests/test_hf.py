@@ -1,0 +1,110 @@
+"""Hugging Face transformers through the torch.export front end: tiny configs built in the
+test (no hub). The default suite proves and merges one family; the zoo marker runs all twelve
+and checks the symmetry each family is known to have."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import mudsc_fx as mf  # noqa: E402
+from mudsc_fx.hf_zoo import FAMILIES, merge_back, permute_mlp  # noqa: E402
+from mudsc_fx.ir.trace import call_model  # noqa: E402
+
+ALL = list(FAMILIES)
+
+
+def _infer(family):
+    fam = FAMILIES[family]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mf.infer(fam.build(), fam.example())
+
+
+def _spaces_of(pg, fqn, axis):
+    return [s for s in pg.spaces if any(m.fqn == fqn and m.axis == axis for m in s.members)]
+
+
+def test_gpt2_symmetries_are_proven():
+    """Conv1D [in, out] weights, fused qkv, learned positions, tied input/output embeddings."""
+    fam = FAMILIES["gpt2"]
+    rep = mf.check(fam.build(), fam.example())
+    assert rep.ok and rep.max_abs_err < 1e-10
+    assert rep.coverage == 1.0 and not rep.barriers
+    pg = rep.graph
+    qk, v = _spaces_of(pg, "transformer.h.0.attn.c_attn.weight", 1)  # [in, out]: concat(q, k, v) on axis 1
+    assert qk.blocks == v.blocks == (4, 8) and qk.head == v.head and not pg.spaces[qk.head].fixed
+    assert pg.is_free(qk.id) and pg.is_free(v.id)
+    assert any(m.fqn == "transformer.h.0.attn.c_proj.weight" and m.axis == 0 for m in v.members)
+    assert ("lm_head.weight", "transformer.wte.weight") in pg.aliases
+    resid = _spaces_of(pg, "transformer.wpe.weight", 1)
+    assert resid and pg.is_free(resid[0].id)
+    assert any(m.fqn == "transformer.wte.weight" and m.axis == 1 for m in resid[0].members)
+
+
+def test_permute_mlp_keeps_the_function():
+    fam = FAMILIES["llama"]
+    a = fam.build()
+    b = permute_mlp(a, "llama")
+    x = fam.example()
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(call_model(a, x).logits, call_model(b, x).logits)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("family", ALL)
+def test_family_is_proven_and_merges_back_from_a_permuted_copy(family):
+    """The merge proves the graph on the first dict batch (mf.check), then act_align finds
+    the planted MLP permutation: the merged model is the original."""
+    r = merge_back(family)
+    assert r.proven, (family, r.proof_error)
+    assert r.coverage >= 0.5, (family, r.coverage)
+    assert r.error < 1e-4, (family, r.error)
+
+
+@pytest.mark.zoo
+def test_llama_rope_and_gqa_structure():
+    """RoPE pins q/k units inside heads; q heads move with their key/value group."""
+    pg = _infer("llama")
+    (q,) = _spaces_of(pg, "model.layers.0.self_attn.q_proj.weight", 0)
+    (k,) = _spaces_of(pg, "model.layers.0.self_attn.k_proj.weight", 0)
+    (v,) = _spaces_of(pg, "model.layers.0.self_attn.v_proj.weight", 0)
+    (o,) = _spaces_of(pg, "model.layers.0.self_attn.o_proj.weight", 1)
+    assert q.blocks == (2, 16) and k.blocks == (2, 8) and v.blocks == (2, 8)  # 2 kv groups
+    assert q.head == k.head == v.head == o.head and not pg.spaces[q.head].fixed
+    assert q.within == k.within == "identity"
+    (gate,) = _spaces_of(pg, "model.layers.0.mlp.gate_proj.weight", 0)
+    assert any(m.fqn == "model.layers.0.mlp.up_proj.weight" for m in gate.members)  # SwiGLU sharing
+    assert pg.is_free(gate.id)
+
+
+@pytest.mark.zoo
+def test_t5_relative_attention_bias_follows_the_heads():
+    pg = _infer("t5_encoder")
+    (bias,) = _spaces_of(pg, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", 1)
+    (q,) = _spaces_of(pg, "encoder.block.0.layer.0.SelfAttention.q.weight", 0)
+    assert bias.kind == "head" and q.head == bias.id and not bias.fixed
+    # the bias is shared: every layer's heads move with it
+    (q1,) = _spaces_of(pg, "encoder.block.1.layer.0.SelfAttention.q.weight", 0)
+    assert q1.head == bias.id
+
+
+_PARALLEL = {"gpt_neox": ("gpt_neox.layers.0.attention.dense.weight", "gpt_neox.layers.0.mlp.dense_4h_to_h.weight",
+                         "gpt_neox.layers.0.attention.query_key_value.weight"),
+             "phi": ("model.layers.0.self_attn.dense.weight", "model.layers.0.mlp.fc2.weight",
+                     "model.layers.0.self_attn.q_proj.weight")}
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("family", list(_PARALLEL))
+def test_parallel_blocks_and_partial_rotary(family):
+    """Attention and MLP outputs are added to one residual stream; the rotary half of q/k pins
+    the units inside each head (the pass-through half with it), heads still move."""
+    attn_out, mlp_out, q = _PARALLEL[family]
+    pg = _infer(family)
+    assert pg.coverage() == 1.0
+    (a,), (m,) = _spaces_of(pg, attn_out, 0), _spaces_of(pg, mlp_out, 0)
+    assert a.id == m.id and pg.is_free(a.id)
+    qs = _spaces_of(pg, q, 0)
+    assert qs and all(s.within == "identity" and s.blocks and not pg.spaces[s.head].fixed for s in qs)
