@@ -26,7 +26,7 @@ from torch import nn
 
 from ..ir.graph import PermutationGraph, Structured
 from ..ir.layout import spaces_of, transform_axis
-from ..ir.trace import TensorValue, value_of
+from ..ir.trace import TensorValue, graph_inputs, value_of
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def find_cut(pg: PermutationGraph, stop_at: Union[str, float], example: Optional
         raise ValueError(f"stop_at as a fraction of the FLOPs must be in (0, 1], got {stop_at!r}")
     if example is None:
         raise ValueError("stop_at as a fraction needs example inputs to count FLOPs")
-    flops = node_flops(pg.gm, example)
+    flops = node_flops(pg.gm, graph_inputs(pg.gm, example))
     total = sum(flops.values()) or 1
     acc, k = 0, len(order) - 1
     for i, n in enumerate(order):
@@ -319,6 +319,7 @@ def cost_report(pg: PermutationGraph, partial: PartialMerge, example: tuple) -> 
         return sum(t.numel() for t in {id(p): p for p in m.parameters()}.values())
 
     n_models = len(partial.tails)
+    example = graph_inputs(pg.gm, example)  # the graph's placeholders (keyword inputs flattened)
     f1 = sum(node_flops(pg.gm, example).values())
     with torch.no_grad():
         cut = partial.trunk(*example)
