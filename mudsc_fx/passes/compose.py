@@ -89,7 +89,7 @@ def _try_unit(path: str, module: nn.Module, calls: list[Call], seed: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # barrier warnings of a candidate; the unit report lists barriers
-            graph = infer(wrapper, first.tensors, leaf_modules=leaf_modules)
+            graph = infer(wrapper, first.tensors, leaf_modules=leaf_modules, frontend="fx")
             rep = check(wrapper, first.tensors, seed=seed, pg=graph, name=path)
     except Exception as e:  # any failure means: not a unit; try the children
         return None, _first_line(e)
