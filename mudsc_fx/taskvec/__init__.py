@@ -6,7 +6,7 @@ code merges modules in memory (``task_arithmetic``, ``ties_merge``, ``emr_merge`
 checkpoint files out of core (``merge_checkpoints``). Methods are registered in ``registry``
 (name, options, defaults, drivers); one module each: ``arithmetic``, ``ties`` (with the exact
 streaming top-k threshold of ``topk``) and ``emr`` (result ``emr_model.EMRModel``, file
-format ``emr_artifact``). ``layout`` says which entries are merged, kept per task or copied.
+format ``emr_artifact``). ``vector_layout`` says which entries are merged, kept per task or copied.
 """
 
 from . import arithmetic, ties, emr  # noqa: F401  (importing a method module registers it)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from torch import Tensor, nn
 
 from .driver import checkpoint_method
-from .layout import Entry, KeepSpec
+from .vector_layout import Entry, KeepSpec
 from .registry import Option, nonnegative_number, register_method
 from .stream import ModelSource, TaskVectorStream
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import (CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX, PathLike, SafetensorsWriter, check_output_path,
                            write_state_dict)
-from .layout import Entry, KeepSpec
+from .vector_layout import Entry, KeepSpec
 from .registry import Option, TaskVectorMethod, get_method
 from .stream import DEFAULT_CHUNK_SIZE, ModelSource, TaskVectorStream, open_stream
 

@@ -43,7 +43,7 @@ from .driver import MergeFileResult, file_result
 from .emr_artifact import (RESCALE_MODES, EMRArtifact, MaskPacker, artifact_metadata, artifact_specs, base_digest,
                            kept_key)
 from .emr_model import EMRModel, write_state
-from .layout import KeepSpec
+from .vector_layout import KeepSpec
 from .registry import Option, TaskVectorMethod, choice, register_method
 from .stream import DEFAULT_CHUNK_SIZE, ModelSource, TaskVectorStream, as_sources, open_stream
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoints import CheckpointError, CheckpointReader, SafetensorsReader, SafetensorsWriter, TensorSpec
-from .layout import Layout
+from .vector_layout import TaskVectorLayout
 
 __all__ = ["RESCALE_MODES", "FORMAT", "FORMAT_VERSION", "EMRArtifact", "MaskPacker", "pack_mask", "unpack_mask",
            "base_digest", "artifact_specs", "artifact_metadata", "kept_key", "write_artifact", "read_artifact"]
@@ -81,7 +81,7 @@ class MaskPacker:
         return self.packed
 
 
-def base_digest(layout: Layout, base: CheckpointReader, chunk_size: int = _DIGEST_CHUNK) -> str:
+def base_digest(layout: TaskVectorLayout, base: CheckpointReader, chunk_size: int = _DIGEST_CHUNK) -> str:
     """SHA-256 of the base entries an EMR artifact depends on (merged and copied), streamed."""
     digest = hashlib.sha256()
     for entry in layout.merged + layout.copied:
@@ -96,7 +96,7 @@ def base_digest(layout: Layout, base: CheckpointReader, chunk_size: int = _DIGES
 class EMRArtifact:
     """Everything an EMR merge stores besides the base: checked for consistency on creation."""
 
-    layout: Layout
+    layout: TaskVectorLayout
     rescale: str
     tau_uni: Tensor  # (P,) storage dtype
     masks: Tensor  # (N, ceil(P/8)) uint8
@@ -140,7 +140,7 @@ def kept_key(task: int, name: str) -> str:
     return f"kept.{task}.{name}"
 
 
-def artifact_specs(layout: Layout, kept_dtypes: list[dict[str, torch.dtype]]) -> list[TensorSpec]:
+def artifact_specs(layout: TaskVectorLayout, kept_dtypes: list[dict[str, torch.dtype]]) -> list[TensorSpec]:
     """The artifact's tensors in file order, for ``len(kept_dtypes)`` tasks."""
     num_tasks, num_scalars = len(kept_dtypes), layout.num_scalars
     specs = [TensorSpec("tau_uni", (num_scalars,), layout.storage_dtype)]
@@ -151,7 +151,7 @@ def artifact_specs(layout: Layout, kept_dtypes: list[dict[str, torch.dtype]]) ->
     return specs
 
 
-def artifact_metadata(layout: Layout, num_tasks: int, rescale: str, base_sha256: str) -> dict[str, str]:
+def artifact_metadata(layout: TaskVectorLayout, num_tasks: int, rescale: str, base_sha256: str) -> dict[str, str]:
     return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "num_tasks": str(num_tasks),
             "num_scalars": str(layout.num_scalars), "rescale": rescale, "mask_bitorder": "little",
             "layout": layout.to_json(), "base_sha256": base_sha256}
@@ -215,7 +215,7 @@ def _artifact_from(metadata: dict[str, str], tensors: dict[str, Tensor]) -> EMRA
     if metadata["mask_bitorder"] != "little":
         raise ValueError(f"metadata 'mask_bitorder' is {metadata['mask_bitorder']!r}, expected 'little'")
     try:
-        layout = Layout.from_json(metadata["layout"])
+        layout = TaskVectorLayout.from_json(metadata["layout"])
     except ValueError as err:
         raise ValueError(f"metadata 'layout' is invalid: {err}") from None
     num_tasks, num_scalars = _metadata_int(metadata, "num_tasks"), _metadata_int(metadata, "num_scalars")

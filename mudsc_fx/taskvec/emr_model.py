@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import TensorMapReader, TensorSpec
 from .emr_artifact import EMRArtifact, base_digest, read_artifact, unpack_mask, write_artifact
-from .layout import Layout
+from .vector_layout import TaskVectorLayout
 
 __all__ = ["EMRModel", "EMRSize", "TaskIndexError", "write_state", "specs_of"]
 
@@ -76,7 +76,7 @@ class EMRModel:
                 f"kept={[entry.name for entry in self.layout.kept]})")
 
     @property
-    def layout(self) -> Layout:
+    def layout(self) -> TaskVectorLayout:
         return self._artifact.layout
 
     @property
@@ -176,7 +176,7 @@ class EMRModel:
                 if base_state[entry.name].dtype != entry.dtype:
                     raise ValueError(f"base_module: parameter {entry.name!r} is {base_state[entry.name].dtype}, "
                                      f"the artifact was merged with {entry.dtype}")
-            if Layout.of(specs_of(base_state), keep={entry.name for entry in layout.kept}) != layout:
+            if TaskVectorLayout.of(specs_of(base_state), keep={entry.name for entry in layout.kept}) != layout:
                 raise ValueError("base_module orders or classifies its entries differently")
             if base_digest(layout, TensorMapReader(base_state, "base_module")) != artifact.base_sha256:
                 raise ValueError("base_module's values differ from the base the artifact was merged from")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from .layout import KeepSpec
+from .vector_layout import KeepSpec
 from .stream import ModelSource, open_stream
 
 __all__ = ["task_heads"]

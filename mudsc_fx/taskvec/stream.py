@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import CheckpointReader, TensorMapReader, open_checkpoint
-from .layout import Entry, KeepSpec, Layout
+from .vector_layout import Entry, KeepSpec, TaskVectorLayout
 
 __all__ = ["ModelSource", "DEFAULT_CHUNK_SIZE", "Chunk", "TaskVectorStream", "as_sources", "open_source",
            "open_stream", "check_finite"]
@@ -93,7 +93,7 @@ class Chunk:
 
 
 class TaskVectorStream:
-    """Chunks of the task vectors of ``models`` against ``base`` over a :class:`Layout`.
+    """Chunks of the task vectors of ``models`` against ``base`` over a :class:`TaskVectorLayout`.
 
     Every reader is checked against the layout on creation (names, shapes, floating-point
     merged entries); values are checked for NaN / inf as they are read. ``scalars_read``
@@ -101,7 +101,7 @@ class TaskVectorStream:
     number of passes made.
     """
 
-    def __init__(self, base: CheckpointReader, models: Sequence[CheckpointReader], layout: Layout,
+    def __init__(self, base: CheckpointReader, models: Sequence[CheckpointReader], layout: TaskVectorLayout,
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -163,7 +163,7 @@ def open_stream(base: ModelSource, models: Iterable[ModelSource], keep: KeepSpec
     try:
         readers.append(open_source(base, "base"))
         readers.extend(open_source(source, f"model {index}") for index, source in enumerate(sources))
-        layout = Layout.of(readers[0].specs, keep)
+        layout = TaskVectorLayout.of(readers[0].specs, keep)
         return TaskVectorStream(readers[0], readers[1:], layout, chunk_size)
     except BaseException:
         for reader in readers:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .arithmetic import summed
 from .driver import checkpoint_method
-from .layout import Entry, KeepSpec
+from .vector_layout import Entry, KeepSpec
 from .registry import Option, flag, fraction, nonnegative_number, register_method
 from .stream import Chunk, ModelSource, TaskVectorStream
 from .topk import kth_largest, kth_largest_dense

@@ -1,8 +1,8 @@
-"""The merge layout: which base entries are merged, kept per task or copied, and the flat vector.
+"""Which base entries a task-vector merge combines, keeps per task or copies, and the flat vector.
 
 Every task-vector method works on the *merged* scalars: the floating-point entries of the
 base that the caller did not ``keep``, taken in the base's order and concatenated into one
-flat vector of ``num_scalars`` values. :class:`Layout` records the three kinds of entries:
+flat vector of ``num_scalars`` values. :class:`TaskVectorLayout` records three kinds of entries:
 
 - merged: floating-point entries, combined by the method;
 - kept: entries named by ``keep`` (task heads), never merged: each task has its own;
@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoints import TensorSpec
 
-__all__ = ["KeepSpec", "Entry", "Layout"]
+__all__ = ["KeepSpec", "Entry", "TaskVectorLayout"]
 
 KeepSpec = Union[None, str, Callable[[str], bool], Collection[str]]
 Entry = TensorSpec  # one entry of the base: name, shape, dtype
@@ -73,7 +73,7 @@ def _keep_predicate(keep: KeepSpec, names: list[str]) -> Callable[[str], bool]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class TaskVectorLayout:
     """Merged, kept and copied entries of the base, and the flat merged vector.
 
     Merged values are computed in ``work_dtype`` (at least float32) and stored in
@@ -85,7 +85,7 @@ class Layout:
     copied: tuple[Entry, ...]
 
     @classmethod
-    def of(cls, specs: Mapping[str, TensorSpec], keep: KeepSpec = None) -> Layout:
+    def of(cls, specs: Mapping[str, TensorSpec], keep: KeepSpec = None) -> TaskVectorLayout:
         """The layout of the base's tensor ``specs`` (in order) for a ``keep`` spec.
 
         ``keep`` is a regex (matched with ``re.search``), a ``callable(name) -> bool`` or a
@@ -154,7 +154,7 @@ class Layout:
                           separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> Layout:
+    def from_json(cls, text: str) -> TaskVectorLayout:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
