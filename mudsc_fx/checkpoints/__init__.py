@@ -33,7 +33,7 @@ from .torch_file import load_torch_object, load_torch_state
 __all__ = [
     "SAFETENSORS_SUFFIX", "TORCH_SUFFIXES", "CHECKPOINT_SUFFIXES", "CHECKSUM_KEY", "CheckpointError", "TensorSpec",
     "CheckpointReader", "TensorMapReader", "SafetensorsReader", "open_checkpoint", "read_state_dict",
-    "SafetensorsWriter", "write_state_dict", "check_output_path", "module_tensors", "load_into",
+    "SafetensorsWriter", "write_state_dict", "check_output_path", "load_into",
     "load_torch_object", "PathLike",
 ]
 
@@ -119,13 +119,6 @@ def write_state_dict(state: Mapping[str, Tensor], path: PathLike, metadata: Opti
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def module_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of ``model`` by qualified name, tied ones under each name."""
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return out
 
 
 def load_into(module: nn.Module, state: Mapping[str, Tensor], label: str) -> nn.Module:
