@@ -21,7 +21,7 @@ HEAVY (~7 GB of files, ~12 GB at peak for the old in-memory TIES): run under the
 and check ``df -h`` first.
 
     flock /tmp/mudsc_heavy.lock python benchmarks/taskvec_scale.py --old-tree /tmp/taskvec_old
-    python benchmarks/taskvec_scale.py --params 20e6 --dir /tmp/tvs_small    # quick look
+    python benchmarks/taskvec_scale.py --params 2e6 --width 128 --vocab 2000 --dir /tmp/tvs --out /tmp/tvs.json  # a quick look
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ IN_MEMORY = {"task_arithmetic": "task_arithmetic", "ties": "ties_merge", "emr": 
 def architecture(params: float, width: int = 1024, vocab: int = 32000) -> list[tuple[str, tuple[int, ...]]]:
     """Tensor names and shapes of a transformer-shaped model with about ``params`` scalars."""
     block = [("attn.norm.weight", (width,)), ("attn.norm.bias", (width,))]
-    block += [(f"attn.{p}.weight", (width, width)) for p in "qkvo"] + [(f"attn.{p}.bias", (width,)) for p in "qkvo"]
+    block += [(f"attn.{p}.{kind}", (width, width) if kind == "weight" else (width,))
+              for p in "qkvo" for kind in ("weight", "bias")]  # module order: state_dict order
     block += [("mlp.norm.weight", (width,)), ("mlp.norm.bias", (width,)), ("mlp.up.weight", (4 * width, width)),
               ("mlp.up.bias", (4 * width,)), ("mlp.down.weight", (width, 4 * width)), ("mlp.down.bias", (width,))]
     per_block = sum(_numel(shape) for _, shape in block)
@@ -73,10 +74,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-def write_checkpoints(folder: Path, params: float, n: int) -> dict:
+def write_checkpoints(folder: Path, params: float, n: int, width: int = 1024, vocab: int = 32000) -> dict:
     import torch
     from mudsc_fx.checkpoints import SafetensorsWriter, TensorSpec
-    shapes = architecture(params)
+    shapes = architecture(params, width, vocab)
     specs = [TensorSpec(name, shape, torch.float32) for name, shape in shapes]
     paths = {"base": folder / "base.safetensors", "models": [folder / f"task{t}.safetensors" for t in range(n)]}
     for index, path in enumerate([paths["base"], *paths["models"]]):
@@ -104,14 +105,23 @@ def _rss() -> dict[str, int]:
     return out
 
 
+def _file_order(path: str) -> list[str]:
+    """Tensor names in the order of the file's header (``safe_open.keys()`` sorts them)."""
+    import struct
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return [name for name in header if name != "__metadata__"]
+
+
 def _base_module(path: str):
-    """An nn.Module holding the base file's tensors (what a user of the in-memory API has)."""
+    """An nn.Module holding the base file's tensors in the file's order (what a user of the
+    in-memory API has; the order fixes the order of EMR's flat vector)."""
     import safetensors
     import torch
     from torch import nn
     root = nn.Module()
     with safetensors.safe_open(path, framework="pt") as handle:
-        for name in handle.keys():
+        for name in _file_order(path):
             *parents, leaf = name.split(".")
             module = root
             for part in parents:
@@ -213,6 +223,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", type=float, default=350e6)
     parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--width", type=int, default=1024, help="model width (blocks: 4 width^2 attention, 8 width^2 MLP)")
+    parser.add_argument("--vocab", type=int, default=32000, help="rows of the embedding and the output head")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/taskvec_scale"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--impls", nargs="+", default=["stream", "in-memory", "old"],
@@ -234,7 +246,7 @@ def main() -> None:
         raise SystemExit(f"{args.dir}: {free / 1e9:.1f} GB free, this run needs about {need / 1e9:.1f} GB")
     try:
         t0 = time.perf_counter()
-        checkpoint = write_checkpoints(args.dir, args.params, args.n)
+        checkpoint = write_checkpoints(args.dir, args.params, args.n, args.width, args.vocab)
         print(f"wrote base + {args.n} checkpoints of {checkpoint['params'] / 1e6:.1f}M parameters "
               f"({checkpoint['bytes'] / 1e9:.2f} GB each) in {time.perf_counter() - t0:.0f}s", flush=True)
         rows = []
