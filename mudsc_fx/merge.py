@@ -267,6 +267,10 @@ def compare_structures(models: Sequence[nn.Module]) -> None:
         if sig is None:
             raise ValueError(f"torch.fx traces model 0 but not model {i}: they are not one architecture")
         for k, (a, b) in enumerate(zip(sig0, sig)):
+            if a[:4] != b[:4] and a[0] == b[0] == "get_attr" and a[1].startswith("constant"):
+                raise ValueError(f"model {i} holds a different tensor constant than model 0 at node {k} "
+                                 f"(`{b[4]}`): a plain tensor attribute used in forward is not merged, so it "
+                                 "must be equal in every model (register it as a buffer to merge it)")
             if a[:4] != b[:4]:
                 raise ValueError(f"model {i} computes a different graph from model 0: node {k} is "
                                  f"`{b[4]}` where model 0 has `{a[4]}`")

@@ -136,6 +136,11 @@ class TensorAttr(nn.Module):
         return self.p(y * self.scale[:2, None, None])
 
 
+def test_different_tensor_constants_are_an_error_naming_them():
+    with pytest.raises(ValueError, match="model 1 holds a different tensor constant than model 0 at node 2"):
+        mf.merge([TensorAttr(), TensorAttr()], [torch.randn(2, 3, 6, 6)])
+
+
 def test_plain_tensor_attribute_is_a_constant_that_fixes_its_space():
     model = TensorAttr().eval()
     x = torch.randn(2, 3, 6, 6)
