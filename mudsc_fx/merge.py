@@ -310,6 +310,9 @@ class CheckedBatches:
             raise ValueError("the calibration data is empty")
         self.signature = _input_signature(self.first)
 
+    def __len__(self) -> int:
+        return len(self.data)
+
     def __iter__(self) -> Iterator:
         for k, batch in enumerate(self.data):
             sig = _input_signature(model_call(self.input_fn(batch)))
