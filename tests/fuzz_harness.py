@@ -312,10 +312,11 @@ _PUBLIC = (("torch.nn", torch.nn), ("F", torch.nn.functional), ("torch", torch),
            ("operator", __import__("operator")), ("builtins", __import__("builtins")))
 
 
-def rule_keys(gm) -> tuple[str, ...]:
-    """The rule-table keys the nodes of a traced graph match (as :func:`key_name` text)."""
+def rule_keys(gm, graph=None) -> tuple[str, ...]:
+    """The rule-table keys the nodes of a traced graph match (as :func:`key_name` text).
+    ``gm`` is the GraphModule, or the root module when ``graph`` is given."""
     out = set()
-    for node in gm.graph.nodes:
+    for node in (graph if graph is not None else gm.graph).nodes:
         k = None
         if node.op == "call_module":
             k = next((c for c in type(gm.get_submodule(node.target)).__mro__ if c in rule_table.RULES), None)
