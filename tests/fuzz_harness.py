@@ -215,7 +215,8 @@ def _names(model, pg_or_none=None) -> set[str]:
         names |= {n.name for n in gm.graph.nodes}
     except Exception:
         pass
-    return {n for n in names if len(n) > 2}
+    # distinctive names only (s3_w, conv2d_1, s0_m.weight): fx names such as "output" or "add" are words
+    return {n for n in names if n != "output" and any(c == "_" or c.isdigit() for c in n)}
 
 
 def classify_error(e: BaseException, model) -> tuple[str, str]:

@@ -232,10 +232,12 @@ def _pick_op(r: Rand, x: Value, banned: frozenset[str], only: Optional[frozenset
              and (only is None or op.name in only)]
     if not cands:
         return None
-    total = sum(op.weight for op in cands)
-    u = r.g.random() * total
-    for op in cands:
-        u -= op.weight
+    # ops made for few kinds (attention on heads, embeddings on tokens) would drown among the
+    # generic elementwise ops that accept anything: favour them
+    weights = [op.weight * (12.0 if op.kinds == ("heads",) else 4.0 if len(op.kinds) <= 2 else 1.0) for op in cands]
+    u = r.g.random() * sum(weights)
+    for op, w in zip(cands, weights):
+        u -= w
         if u < 0:
             return op
     return cands[-1]
@@ -394,7 +396,7 @@ def prune(program: Program, drop: set[int]) -> Optional[Program]:
     for k, step in enumerate(program.steps):
         first = _first_output(program, k)
         outs = range(first, first + n_outputs(step))
-        ref = step.a.get("step") if step.op == "shared_module" else None
+        ref = step.a.get("step") if step.op in _REFERRING else None
         if k in dead_steps or any(i in dead_values for i in step.inputs) or (ref is not None and ref in dead_steps):
             dead_steps.add(k)
             dead_values.update(outs)
@@ -410,6 +412,9 @@ def prune(program: Program, drop: set[int]) -> Optional[Program]:
     return replace(program, steps=tuple(steps)) if steps else None
 
 
+_REFERRING = ("shared_module", "tied_head")  # ops whose args name an earlier step
+
+
 def _with_arg(step: Step, key: str, value) -> Step:
     a = step.a
     a[key] = value
@@ -420,7 +425,7 @@ def bypass(program: Program, k: int) -> Optional[Program]:
     """``program`` with step k removed and its single output replaced by its first input;
     None unless that output has the input's shape and kind."""
     step = program.steps[k]
-    if n_outputs(step) != 1 or any(s.op == "shared_module" and s.a["step"] == k for s in program.steps):
+    if n_outputs(step) != 1 or any(s.op in _REFERRING and s.a["step"] == k for s in program.steps):
         return None
     net, _ = build(program)
     pos = _first_output(program, k)
@@ -431,7 +436,7 @@ def bypass(program: Program, k: int) -> Optional[Program]:
     for j, s in enumerate(program.steps):
         if j != k:
             new = replace(s, inputs=tuple(src.id if i == pos else (i - 1 if i > pos else i) for i in s.inputs))
-            if s.op == "shared_module" and s.a["step"] > k:
+            if s.op in _REFERRING and s.a["step"] > k:
                 new = _with_arg(new, "step", s.a["step"] - 1)
             steps.append(new)
     return replace(program, steps=tuple(steps)) if steps else None

@@ -1022,7 +1022,8 @@ class Heads(FuzzOp):
     weight = 1.5
 
     def propose(self, r, x, env):
-        return dict(H=r.choice(_divisors(x.C) + [x.C]), form=r.choice(("view", "unflatten", "reshape")),
+        heads = [h for h in _divisors(x.C) if x.C // h >= 2] or [1]  # head dim >= 2: within-head structure
+        return dict(H=r.choice(heads + [x.C] if r.coin(0.1) else heads), form=r.choice(("view", "unflatten", "reshape")),
                     kind="heads"), ()
 
     def run(self, P, a, x):
@@ -1085,7 +1086,7 @@ class ExplicitAttention(FuzzOp):
     def propose(self, r, x, env):
         kv = [v for v in env if v.kind == "heads" and v.shape == x.shape]
         k, v = r.choice(kv), r.choice(kv)
-        return dict(mask=r.choice((None, "triu", "tril_buffer")), kt=r.choice(("transpose", "mT", "permute"))), \
+        return dict(mask=r.choice((None, "triu", "tril_buffer", "rel_bias")), kt=r.choice(("transpose", "mT", "permute"))), \
             (k.id, v.id)
 
     def run(self, P, a, q, k, v):
@@ -1098,6 +1099,8 @@ class ExplicitAttention(FuzzOp):
         elif a["mask"] == "tril_buffer":
             m = P.buffer("causal", value=torch.tril(torch.ones(T, T)) if P.building else None)
             s = s.masked_fill(m == 0, -1e4)
+        elif a["mask"] == "rel_bias":  # a learned bias per head and (query, key): follows the head permutation
+            s = s + P.param("bias", (H, T, T), scale=0.5)
         return torch.softmax(s, dim=-1) @ v
 
 
@@ -1135,21 +1138,43 @@ class TransformerAttentionBlock(FuzzOp):
     name, kinds, family = "attention.block", ("seq",), "attention"
 
     def propose(self, r, x, env):
-        return dict(H=r.choice(_divisors(x.C) + [x.C]), unbind=r.coin(), explicit=r.coin(0.3)), ()
+        heads = [h for h in _divisors(x.C) if x.C // h >= 2] or [1]
+        d = x.C // heads[0]
+        return dict(H=r.choice(heads), unbind=r.coin(),
+                    core=r.choice(("sdpa", "sdpa_causal", "explicit", "einsum", "rel_bias")),
+                    qk=r.choice((None, None, "qknorm") + (("rope",) if d % 2 == 0 and x.C % 2 == 0 else ()))), ()
 
     def run(self, P, a, x):
         B, T, C = a["_shape"]
         H = a["H"]
+        d = C // H
         qkv = P.module("qkv", lambda: nn.Linear(C, 3 * C))(P.module("norm", lambda: nn.LayerNorm(C))(x))
-        qkv = qkv.reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
         if a["unbind"]:
             q, k, v = qkv.unbind(0)
         else:
             q, k, v = qkv[0], qkv[1], qkv[2]
-        if a["explicit"]:
-            o = ((q @ k.transpose(-2, -1)) * (C // H) ** -0.5).softmax(dim=-1) @ v
-        else:
+        if a["qk"] == "qknorm":  # one LayerNorm(d) shared by every head (QK-norm)
+            n = P.module("qknorm", lambda: nn.LayerNorm(d))
+            q, k = n(q), n(k)
+        elif a["qk"] == "rope" and d % 2 == 0:
+            ang = torch.arange(T)[:, None] * torch.arange(1, d // 2 + 1)[None] * 0.3 if P.building else None
+            cos = P.buffer("cos", value=ang.cos().repeat(1, 2) if P.building else None)
+            sin = P.buffer("sin", value=ang.sin().repeat(1, 2) if P.building else None)
+            q = q * cos + torch.cat([-q[..., d // 2:], q[..., : d // 2]], -1) * sin
+            k = k * cos + torch.cat([-k[..., d // 2:], k[..., : d // 2]], -1) * sin
+        core = a["core"]
+        if core == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v)
+        elif core == "sdpa_causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif core == "einsum":
+            o = torch.einsum("bhts,bhsd->bhtd", torch.einsum("bhtd,bhsd->bhts", q, k).softmax(-1), v)
+        else:
+            s = (q @ k.transpose(-2, -1)) * d ** -0.5
+            if core == "rel_bias":
+                s = s + P.param("rel_bias", (H, T, T), scale=0.5)
+            o = s.softmax(dim=-1) @ v
         o = o.transpose(1, 2).reshape(B, T, C)
         return x + P.module("proj", lambda: nn.Linear(C, C))(o)
 
@@ -1630,7 +1655,8 @@ class MaskedMHA(FuzzOp):
     name, kinds, family = "mha.masked", ("seq",), "attention"
 
     def propose(self, r, x, env):
-        return dict(H=r.choice(_divisors(x.C) + [1, x.C]), causal=r.coin(), padding=r.coin()), ()
+        # a padding mask over the only key would mask whole rows (NaN in float64, not in float32's fast path)
+        return dict(H=r.choice(_divisors(x.C) + [1, x.C]), causal=r.coin(), padding=r.coin() and x.shape[1] > 1), ()
 
     def run(self, P, a, x):
         B, T, C = a["_shape"]
@@ -1667,6 +1693,64 @@ class FlattenUnflatten(FuzzOp):
         if a["form"] == "flatten_unflatten":
             return torch.flatten(x, 1).unflatten(1, tuple(S[1:])) * 2.0
         return x.reshape(S[0], -1).reshape(*S) * 2.0
+
+
+class RoPE(FuzzOp):
+    """Rotary position embedding on heads: x * cos + rotate_half(x) * sin (cos / sin buffers
+    over (token, head dim)): the within-head permutation must stay the identity."""
+    name, kinds, family = "rope", ("heads",), "attention"
+
+    def propose(self, r, x, env):
+        if x.shape[-1] % 2:
+            return None
+        return dict(form=r.choice(("cat", "stack"))), ()
+
+    def run(self, P, a, x):
+        B, H, T, d = a["_shape"]
+        if P.building:
+            ang = torch.arange(T)[:, None] * torch.arange(1, d // 2 + 1)[None] * 0.3
+            cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+        cos, sin = P.buffer("cos", value=cos if P.building else None), P.buffer("sin", value=sin if P.building else None)
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        rot = torch.cat([-x2, x1], dim=-1) if a["form"] == "cat" else torch.stack([-x2, x1], -2).flatten(-2)
+        return x * cos + rot * sin
+
+
+class MQA(FuzzOp):
+    """Multi-query attention: H query heads, one key/value head of the head size broadcast
+    over them (by matmul broadcasting or by expand into sdpa)."""
+    name, kinds, family = "mqa", ("seq",), "attention"
+
+    def propose(self, r, x, env):
+        return dict(H=r.choice(_divisors(x.C) + [x.C]), form=r.choice(("matmul", "sdpa_expand"))), ()
+
+    def run(self, P, a, x):
+        B, T, C = a["_shape"]
+        H = a["H"]
+        d = C // H
+        q = P.module("q", lambda: nn.Linear(C, C))(x).view(B, T, H, d).transpose(1, 2)
+        k = P.module("k", lambda: nn.Linear(C, d))(x).unsqueeze(1)
+        v = P.module("v", lambda: nn.Linear(C, d))(x).unsqueeze(1)
+        if a["form"] == "matmul":
+            o = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k.expand(B, H, T, d), v.expand(B, H, T, d))
+        return o.transpose(1, 2).reshape(B, T, C)
+
+
+class TiedHead(FuzzOp):
+    """An output projection tied to an earlier embedding: F.linear(x, embedding.weight)."""
+    name, kinds, family = "tied_head", ("seq", "vec"), "shared"
+
+    def propose(self, r, x, env):
+        net = getattr(env, "net", None)
+        if net is None:
+            return None
+        cands = [k for k, st in enumerate(net.program.steps[:-1]) if st.op == "embedding.module" and st.a["out"] == x.C]
+        return (dict(step=r.choice(cands)), ()) if cands else None
+
+    def run(self, P, a, x):
+        return F.linear(x, getattr(P.net, f"s{a['step']}_m").weight)
 
 
 # ---------------------------------------------------------------------------------------------
