@@ -570,6 +570,18 @@ for name, fn in {"Tensor.repeat": lambda h: h.repeat(1, 1, 2), "torch.tile": lam
     chain(name, fn, _kron_outer, "repeat along a permuted axis gives kron(space, outer = repeats)")
 
 
+def _kron_inner(pg):
+    H_free(pg)
+    m = member(pg, "fc_out.weight", 1)
+    assert isinstance(m.layout, Kron) and m.layout.inner_rep == 2 and m.layout.outer == 1, pg.summary()
+
+
+for name, fn in {"torch.repeat_interleave": lambda h: torch.repeat_interleave(h, 2, dim=-1),
+                 "Tensor.repeat_interleave": lambda h: h.repeat_interleave(2, -1)}.items():
+    chain(name, fn, _kron_inner, "repeat_interleave by r: index i*r + j is unit i, kron(space, inner = r)")
+pair("Tensor.type_as", lambda a, b: a.type_as(b), _indep, "type_as: the other tensor gives its dtype only")
+
+
 def _concat_of_two(pg):
     m = member(pg, "fc_out.weight", 1)
     assert isinstance(m.layout, Concat) and len(m.layout.parts) == 2, pg.summary()
@@ -1005,6 +1017,39 @@ def _torchvision_cases() -> None:
     case("torchvision Swin block + patch merging", Swin, _swin,
          "window attention: packed qkv with head blocks; patch merging concatenates four phases",
          lambda: (_randn(1, 4, 4, 3),))
+
+    from torchvision.models.video import mvit
+    from torchvision.models.video.swin_transformer import PatchEmbed3d, ShiftedWindowAttention3d
+
+    def _mvit_squeeze(h):
+        y, dim = mvit._unsqueeze(h, 4, 1)  # [2, 5, 6] -> [2, 1, 5, 6]
+        return mvit._squeeze(y * 2.0, 4, 1, dim)
+
+    chain("torchvision mvit _unsqueeze / _squeeze", _mvit_squeeze, H_free,
+          "MViT's helpers insert and remove a size-1 axis: the labels of the other axes move along")
+
+    class Swin3d(nn.Module):
+        """Video patches [1, 3, 2, 5, 5] -> 3-d patch embedding (conv 1x2x2, 3 -> 8, padded to the
+        patch size) -> 3-d shifted window attention (2 heads, 2x2x2 windows) -> Linear (8 -> 3)."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = PatchEmbed3d([1, 2, 2], 3, 8)
+            self.attn, self.fc_out = ShiftedWindowAttention3d(8, [2, 2, 2], [1, 1, 1], 2), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc_out(self.attn(self.embed(x)))
+
+    def _swin3d(pg):
+        assert free(pg, "embed.proj.weight", 0) and same(pg, ("embed.proj.weight", 0), ("attn.qkv.weight", 1)), \
+            pg.summary()
+        qkv = member(pg, "attn.qkv.weight", 0)
+        assert isinstance(qkv.layout, Concat) and len(qkv.layout.parts) == 3
+        assert free(pg, "attn.proj.weight", 0) and same(pg, ("attn.proj.weight", 0), ("fc_out.weight", 1))
+
+    case("torchvision 3-d patch embedding + shifted window attention", Swin3d, _swin3d,
+         "3-d window attention: packed qkv with head blocks, relative position bias per head",
+         lambda: (_randn(1, 3, 2, 5, 5),))
 
 
 try:
