@@ -71,7 +71,7 @@ def run_one(name: str, size: int = 96) -> dict:
         t = time.perf_counter()
         b = C.permuted_copy(a, comp, seed=1)
         back = C.merge_compositional([a, b], data, "act_align", reset_bn=False, input_fn=lambda x: (x,),
-                                     composition=comp)
+                                     unit_merger=mf.Merger, composition=comp)
         want, got = detections(a, example[0]), detections(back, example[0])
         row["merge_back_max_abs_err"] = max(((x.float() - y.float()).abs().max().item() if x.numel() else 0.0)
                                             for x, y in zip(want, got)) if len(want) == len(got) else float("inf")
@@ -79,7 +79,8 @@ def run_one(name: str, size: int = 96) -> dict:
         row["merge_back_seconds"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         c = build(name, 1, size)
-        merged = C.merge_compositional([a, c], data, "mudsc_zip", input_fn=lambda x: (x,), composition=comp)
+        merged = C.merge_compositional([a, c], data, "mudsc_zip", input_fn=lambda x: (x,), composition=comp,
+                                         unit_merger=mf.Merger)
         out = detections(merged, example[0])
         row["independent_finite"] = all(bool(torch.isfinite(x.float()).all()) for x in out)
         row["independent_seconds"] = round(time.perf_counter() - t, 1)

@@ -569,8 +569,8 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
             raise
         from .passes.compose import merge_compositional
         staged.pop("frontend", None)  # the units are traced on their own
-        return merge_compositional(models, data, method, alpha, reset_bn, seed, input_fn, match=match,
-                                   example_inputs=example_inputs, whole_error=e, **staged, **options)
+        return merge_compositional(models, data, method, alpha, reset_bn, seed, input_fn, unit_merger=Merger,
+                                   match=match, example_inputs=example_inputs, whole_error=e, **staged, **options)
     return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **partial, **options).model
 
 

@@ -110,7 +110,8 @@ def test_merging_a_permuted_copy_recovers_the_model():
     data = [_images(s, n=4) for s in range(3)]
     with pytest.warns(UserWarning, match="does not trace as a whole"):
         res = C.merge_compositional([net, perm], data, method="act_align", reset_bn=False,
-                                    input_fn=lambda b: (b,), return_result=True, composition=comp)
+                                    unit_merger=mf.Merger, input_fn=lambda b: (b,), return_result=True,
+                                    composition=comp)
     assert type(res.model) is TinyDetector
     for name, t in net.state_dict().items():
         torch.testing.assert_close(res.model.state_dict()[name], t, rtol=1e-6, atol=1e-6)
@@ -124,6 +125,7 @@ def test_independent_models_merge_and_report_what_was_averaged():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = C.merge_compositional([a, b], data, method="mudsc_zip", input_fn=lambda x: (x,), return_result=True,
+                                    unit_merger=mf.Merger,
                                     whole_error="per-image loop")
     assert any("only averaged" in str(w.message) for w in caught)
     assert all(torch.equal(before[n], t) for n, t in a.state_dict().items())  # inputs untouched

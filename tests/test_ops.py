@@ -989,6 +989,17 @@ case("nn.Embedding", Embed, _embedding, "Embedding: its columns are a fresh spac
 case("F.embedding", lambda: Embed(True), _embedding, "F.embedding with a parameter: the same", TOKENS)
 
 
+# --- casts with another tensor's dtype, repeat_interleave ----------------------------------------
+def _type_as(pg):
+    assert free(pg, "fc_a.weight", 0) and not same(pg, ("fc_a.weight", 0), ("fc_b.weight", 0)), pg.summary()
+
+
+pair("Tensor.type_as", lambda a, b: a.type_as(b), _type_as, "a cast of a: b gives its dtype only (no space joins)")
+chain("torch.repeat_interleave", lambda h: torch.repeat_interleave(h, 2, dim=-1), H_free,
+      "index i*r + j is unit i: a kron layout of the hidden space")
+chain("Tensor.repeat_interleave", lambda h: h.repeat_interleave(3, dim=1), H_free, "repeats along tokens")
+
+
 # --- third-party rows (torchvision) -----------------------------------------------------------------
 def _torchvision_cases() -> None:
     from torchvision.models.swin_transformer import PatchMerging, SwinTransformerBlock
@@ -1052,9 +1063,115 @@ def _torchvision_cases() -> None:
          lambda: (_randn(1, 3, 2, 5, 5),))
 
 
+def _torchvision_video_cases() -> None:
+    from torchvision.models.video import mvit
+    from torchvision.models.video.swin_transformer import PatchEmbed3d, ShiftedWindowAttention3d
+
+    chain("torchvision mvit _unsqueeze/_squeeze",
+          lambda h: mvit._squeeze(mvit._unsqueeze(h, 4, 1)[0], 4, 1, 3), H_free,
+          "a size-1 axis inserted and dropped again: a reshape, every other axis keeps its space")
+
+    class Swin3d(nn.Module):
+        """Linear (3 -> 8) on [1, 2, 4, 4, 3] -> video Swin window attention (2 heads, 2x2x2 windows)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc_in = nn.Linear(3, 8)
+            self.attn = ShiftedWindowAttention3d(8, [2, 2, 2], [1, 1, 1], 2)
+            self.fc_out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc_out(self.attn(self.fc_in(x)))
+
+    def _swin3d(pg):
+        assert free(pg, "fc_in.weight", 0), pg.summary()
+        qkv = member(pg, "attn.qkv.weight", 0)
+        assert isinstance(qkv.layout, Concat) and len(qkv.layout.parts) == 3
+        table = member(pg, "attn.relative_position_bias_table", 1)
+        assert table is not None and any(pg.spaces[s].kind == "head" and pg.is_free(s) for s in spaces_of(table.layout))
+        assert pg.coverage() == 1.0
+
+    class Embed3d(nn.Module):
+        """video Swin's patch embedding (pads T, H, W to the patch size) -> Linear."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc_out = PatchEmbed3d([2, 2, 2], 3, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc_out(self.embed(x))
+
+    def _embed3d(pg):
+        assert free(pg, "embed.proj.weight", 0) and same(pg, ("embed.proj.weight", 0), ("fc_out.weight", 1))
+
+    case("torchvision video Swin patch embedding", Embed3d, _embed3d,
+         "the pad sizes are ints (no tensor): the conv's channels stay free", lambda: (_randn(1, 3, 3, 5, 5),))
+    case("torchvision video Swin window attention", Swin3d, _swin3d,
+         "3-d window attention: packed qkv with head blocks, the position table follows the heads",
+         lambda: (_randn(1, 2, 4, 4, 3),))
+
+
+def _timm_cases() -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+    def conv_like(pg):
+        """conv_in -> op (a conv: its input axis reads conv_in's space, its output is a new free
+        space that conv_out reads; a gain follows the output)."""
+        assert free(pg, "conv_in.weight", 0) and same(pg, ("conv_in.weight", 0), ("op.weight", 1)), pg.summary()
+        assert free(pg, "op.weight", 0) and same(pg, ("op.weight", 0), ("conv_out.weight", 1)), pg.summary()
+        assert member(pg, "op.gain", 0) is None or same(pg, ("op.gain", 0), ("op.weight", 0)), pg.summary()
+        assert pg.coverage() == 1.0
+
+    # these classes are leaves when tracing needs them (timm's convention) or always (std convs)
+    same_pad = "spatial SAME padding then the layer: channels as for Conv2d / pooling"
+    conv_chain("timm Conv2dSame", Conv2dSame(6, 6, 3, stride=2, groups=2), conv_like, same_pad)
+    conv_chain("timm MaxPool2dSame", MaxPool2dSame(3, stride=2), C_free, same_pad)
+    conv_chain("timm AvgPool2dSame", AvgPool2dSame(3, stride=2), C_free, same_pad)
+    std = "weight standardisation per output row: the conv rule holds (the gain follows the outputs)"
+    conv_chain("timm StdConv2d", StdConv2d(6, 6, 3, padding=1, groups=3), conv_like, std)
+    conv_chain("timm StdConv2dSame", StdConv2dSame(6, 6, 3, stride=2), conv_like, std)
+    conv_chain("timm ScaledStdConv2d", ScaledStdConv2d(6, 6, 3, padding=1), conv_like, std)
+    conv_chain("timm ScaledStdConv2dSame", ScaledStdConv2dSame(6, 6, 3, stride=2, groups=2), conv_like, std)
+    # timm wraps these helpers where they are public module globals (what fx's autowrap patches)
+    conv_chain("timm crossvit scale_image", lambda h: timm_scale_image(h, (7, 7)), C_free, "a spatial resize")
+
+    class RelPos(nn.Module):
+        """x [1, 4, 8] -> q/k/v (2 heads of 4) -> logits + mvitv2's decomposed position bias -> fc_out."""
+
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.fc_out = nn.Linear(8, 24), nn.Linear(8, 3)
+            self.rel_pos_h, self.rel_pos_w = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(1, 4, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = timm_cal_rel_pos_type(q @ k.transpose(-2, -1), q, False, [2, 2], [2, 2], self.rel_pos_h,
+                                          self.rel_pos_w)
+            return self.fc_out((attn.softmax(-1) @ v).transpose(1, 2).reshape(1, 4, 8))
+
+    def _rel_pos(pg):
+        heads = [s for s in pg.spaces if s.kind == "head"]
+        assert heads and all(pg.is_free(s.id) for s in heads), pg.summary()
+        assert fixed(pg, "rel_pos_h", 1) and fixed(pg, "rel_pos_w", 1)
+        assert any(s.within == "identity" for s in pg.spaces if s.blocks)  # q/k units stay in their heads
+
+    case("timm mvitv2 cal_rel_pos_type", RelPos, _rel_pos,
+         "a per-head bias from q and tables shared by all heads: heads move, q's units stay",
+         lambda: (_randn(1, 4, 8),))
+
+
 try:
     _torchvision_cases()
+    _torchvision_video_cases()
 except ImportError:  # torchvision is a test dependency; without it its rows are not loaded either
+    pass
+try:
+    from timm.models.crossvit import scale_image as timm_scale_image
+    from timm.models.mvitv2 import cal_rel_pos_type as timm_cal_rel_pos_type
+    _timm_cases()
+except ImportError:  # timm is a test dependency; without it its rows are not loaded either
     pass
 
 

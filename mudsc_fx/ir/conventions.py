@@ -45,8 +45,10 @@ def _timm_functions() -> frozenset:
 
 
 def _timm_rule_leaves() -> tuple:
-    from ..rules.timm import rule_leaves
-    return rule_leaves()
+    """timm's weight-standardised convs: traced through, a grouped one is a conv with a
+    computed weight (a barrier); as leaves, a row in ``mudsc_fx.rules.timm`` covers them whole."""
+    from timm.layers.std_conv import ScaledStdConv2d, StdConv2d
+    return (StdConv2d, ScaledStdConv2d)
 
 
 CONVENTIONS: dict[str, Convention] = {
@@ -54,9 +56,10 @@ CONVENTIONS: dict[str, Convention] = {
 
 
 def conventions_for(model: nn.Module) -> list[Convention]:
-    """The conventions of the libraries the model's modules come from (imported ones only)."""
-    libs = {k.__module__.split(".")[0] for m in model.modules() for k in type(m).__mro__}
-    return [c for name, c in CONVENTIONS.items() if name in libs and name in sys.modules]
+    """The conventions of the imported libraries (a model that uses a library's layers or
+    helpers has imported it; a convention only acts where tracing fails inside the library's
+    own registered modules and functions, or on the classes its rules cover whole)."""
+    return [c for name, c in CONVENTIONS.items() if name in sys.modules]
 
 
 @dataclass(frozen=True)

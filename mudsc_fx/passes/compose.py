@@ -196,6 +196,11 @@ def check_composition(model: nn.Module, example_inputs: Any, comp: Composition, 
     return len(a) == len(b) and err <= rtol * max(1.0, scale), err
 
 
+def _demoted(model: nn.Module, u: Unit, reason: str) -> AveragedPart:
+    names = tuple(_join(u.path, n) for n in _floating(model.get_submodule(u.path), True))
+    return AveragedPart(u.path, u.report.module, u.report.params, names, reason)
+
+
 def _prove(model: nn.Module, inputs: tuple, comp: Composition, seed: int) -> Composition:
     ok, err = check_composition(model, inputs, comp, seed)
     units = list(comp.units)
@@ -206,17 +211,12 @@ def _prove(model: nn.Module, inputs: tuple, comp: Composition, seed: int) -> Com
             if not u_ok:
                 log.warning("unit %s breaks the whole model when permuted (error %.2g): only averaged", u.path, u_err)
                 units.remove(u)
-                averaged.append(AveragedPart(u.path, u.report.module, u.report.params,
-                                             tuple(_join(u.path, n) for n in _floating(model.get_submodule(u.path), True)),
-                                             f"permuting it changes the whole model's output (error {u_err:.2g}): "
-                                             "the untraced parent uses its weights directly"))
-        kept = Composition(tuple(units), comp.report)
-        ok, err = check_composition(model, inputs, kept, seed)
+                averaged.append(_demoted(model, u, f"permuting it changes the whole model's output (error "
+                                                   f"{u_err:.2g}): the untraced parent uses its weights directly"))
+        ok, err = check_composition(model, inputs, Composition(tuple(units), comp.report), seed)
         if not ok:  # pragma: no cover - each unit alone passed but not all together
             log.warning("the traced units together still change the whole model (error %.2g): all averaged", err)
-            averaged += [AveragedPart(u.path, u.report.module, u.report.params,
-                                      tuple(_join(u.path, n) for n in _floating(model.get_submodule(u.path), True)),
-                                      "the units together change the whole model's output") for u in units]
+            averaged += [_demoted(model, u, "the units together change the whole model's output") for u in units]
             units = []
     report = replace(comp.report, units=tuple(u.report for u in units), averaged=tuple(averaged), max_abs_err=err)
     return Composition(tuple(units), report)
@@ -226,7 +226,8 @@ def _tensor_kinds(call: Call) -> list:
     return [(t.dim(), tuple(t.shape[1:]), t.dtype) for t in call.tensors]
 
 
-def record_unit_inputs(model: nn.Module, comp: Composition, data: Iterable, input_fn: Callable) -> dict[str, list[tuple]]:
+def record_unit_inputs(model: nn.Module, comp: Composition, data: Iterable,
+                       input_fn: Callable) -> dict[str, list[tuple]]:
     """The tensors each unit of ``model`` receives on every batch of ``data`` (one item per call)."""
     out: dict[str, list[tuple]] = {u.path: [] for u in comp.units}
     units = {u.path: u for u in comp.units}
@@ -265,6 +266,19 @@ def _unit_fixed_params(model: nn.Module, path: str, fixed_params: Iterable[str])
     return [PREFIX + n for n in dict.fromkeys(names)]
 
 
+def _check_models(models: Sequence[nn.Module]) -> None:
+    """The whole models hold the same tensors (each unit's merger checks its own submodules)."""
+    if not isinstance(models, (list, tuple)) or len(models) < 2 or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("models must be a list of at least two nn.Module")
+    ref = {n: tuple(t.shape) for n, t in named_tensors(models[0]).items()}
+    for i, m in enumerate(models[1:], 1):
+        own = {n: tuple(t.shape) for n, t in named_tensors(m).items()}
+        if own != ref:
+            bad = sorted(set(own.items()) ^ set(ref.items()))[0]
+            raise ValueError(f"model {i} differs from model 0 at parameter/buffer {bad[0]!r}: merging needs one "
+                             "architecture")
+
+
 def reset_batchnorm(model: nn.Module, data: Iterable, input_fn: Callable) -> nn.Module:
     """Fresh BatchNorm statistics (cumulative average over ``data``) with only the BatchNorm
     layers in training mode: the rest of the model (a detector's post-processing) stays in
@@ -286,36 +300,36 @@ def reset_batchnorm(model: nn.Module, data: Iterable, input_fn: Callable) -> nn.
 
 def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: Optional[str] = None,
                         alpha: Optional[float] = None, reset_bn: bool = True, seed: int = 0,
-                        input_fn: Optional[Callable[[Any], Any]] = None, *, match: Optional[str] = None,
-                        example_inputs: Any = None, whole_error: Optional[BaseException | str] = None,
-                        composition: Optional[Composition] = None, return_result: bool = False,
-                        leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (),
-                        stats_budget_bytes: int = 2 << 30, progress: bool = False, verify: bool = True,
-                        **options: Any):
+                        input_fn: Optional[Callable[[Any], Any]] = None, *, unit_merger: Callable,
+                        match: Optional[str] = None, example_inputs: Any = None,
+                        whole_error: Optional[BaseException | str] = None, composition: Optional[Composition] = None,
+                        return_result: bool = False, leaf_modules: Iterable[type] = (),
+                        fixed_params: Iterable[str] = (), stats_budget_bytes: int = 2 << 30, progress: bool = False,
+                        verify: bool = True, **options: Any):
     """Merge models that do not trace as a whole: every traced submodule (see
-    ``plan_composition``) is merged by the library's :class:`~mudsc_fx.merge.Merger` on the
-    inputs it receives (model 0's submodule inputs, batch by batch), with its interface fixed;
-    every parameter outside the units is averaged. Warns with the headline of the report; the
-    full report is ``merge_compositional(..., return_result=True).report`` (``.summary()``,
-    ``.to_dict()``).
+    ``plan_composition``) is merged by ``unit_merger`` (the library's staged pipeline,
+    :class:`mudsc_fx.Merger`: ``mf.merge`` passes it) on the inputs the submodule receives
+    (model 0's submodule inputs, batch by batch), with its interface fixed; every parameter
+    outside the units is averaged. Warns with the headline of the report; the full report is
+    ``merge_compositional(..., return_result=True).report`` (``.summary()``, ``.to_dict()``).
 
     Arguments as for :func:`mudsc_fx.merge` (``fixed_params`` are the whole model's names;
     ``options`` are MatchConfig fields for every unit). ``composition``: a plan of models[0]
     made by :func:`plan_composition` (else one is made). The plan proves every unit on its
     own and all units together on the whole model, so the units' mergers do not prove again
     (``verify`` is accepted for the signature of ``merge`` and always holds). The inputs are
-    never modified."""
-    from ..merge import Merger, method_config, validate_models
+    never modified.
+
+    >>> # merged = merge_compositional([det_a, det_b], loader, "act_align", unit_merger=mf.Merger,
+    >>> #                              input_fn=lambda images: (images,))
+    """
     from .stats import default_input_fn
 
-    cfg = method_config(method, alpha, match, **options)  # option errors before any work
-    validate_models(models)
+    _check_models(models)
     leaf_modules, fixed_params = tuple(leaf_modules), tuple(fixed_params)
     input_fn = input_fn or default_input_fn
     if data is not None:
         data = list(data) if iter(data) is data else data  # a generator: keep its batches
-    if cfg.uses_activations and data is None:
-        raise ValueError(f"method {method or 'mudsc_zip'!r} uses activations: pass calibration data")
     if data is not None:
         example = next((as_input_tuple(input_fn(b)) for b in data), None)
         if example is None:
@@ -336,9 +350,10 @@ def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = 
         results = {}
         for u in comp.units:
             wrappers = [wrap_call(m.get_submodule(u.path), u.call) for m in models]
-            merger = Merger(wrappers, unit_data.get(u.path) or None, example_inputs=u.call.tensors, input_fn=tuple,
-                            leaf_modules=leaf_modules, fixed_params=_unit_fixed_params(models[0], u.path, fixed_params),
-                            verify=False, stats_budget_bytes=stats_budget_bytes, progress=progress)
+            merger = unit_merger(wrappers, unit_data.get(u.path) or None, example_inputs=u.call.tensors,
+                                 input_fn=tuple, leaf_modules=leaf_modules, verify=False,
+                                 fixed_params=_unit_fixed_params(models[0], u.path, fixed_params),
+                                 stats_budget_bytes=stats_budget_bytes, progress=progress)
             res = merger.merge(method, alpha, reset_bn=False, seed=seed, match=match, **options)
             results[u.path] = res
             load_tensors(merged.get_submodule(u.path),

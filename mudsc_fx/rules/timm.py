@@ -1,7 +1,8 @@
 """Rows for timm: the modules and helper functions timm registers as fx-unfriendly (they become
 leaves / wrapped calls when tracing needs them, see :mod:`mudsc_fx.ir.conventions`), and
-timm's weight-standardised convolutions, which are traced as leaves because a rule covers
-them whole (traced through, a grouped one is a conv with a computed weight: a barrier).
+timm's weight-standardised convolutions, which that module always traces as leaves because
+the rows here cover them whole (traced through, a grouped one is a conv with a computed
+weight: a barrier).
 
 Registered through :func:`mudsc_fx.rules.table.register_library` on the first lookup after
 timm is imported. Each row is provably safe for what it covers:
@@ -41,12 +42,6 @@ def register(add: Callable) -> None:
         return
     add(crossvit.scale_image, spatial(2))
     add(mvitv2.cal_rel_pos_type, mvitv2_rel_pos)
-
-
-def rule_leaves() -> tuple[type, ...]:
-    """timm classes always traced as leaves because a row covers them whole."""
-    from timm.layers.std_conv import ScaledStdConv2d, StdConv2d
-    return (StdConv2d, ScaledStdConv2d)
 
 
 def std_conv_module(ctx: InferContext, node: fx.Node):
