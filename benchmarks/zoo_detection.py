@@ -7,7 +7,7 @@
 Per model: the plan (largest traced submodules, each proven on its own inputs, all proven
 together on the whole model); a copy with every unit randomly permuted is merged back into
 the original with ``act_align`` (the merged detections must equal the original's); and two
-independent random inits are merged with ``mudsc_zip`` (BatchNorm statistics reset), which
+independent random inits are merged with ``zipit`` (BatchNorm statistics reset), which
 must run and give finite detections. The JSON keeps each model's composition report.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def run_one(name: str, size: int = 96) -> dict:
         row["merge_back_seconds"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         c = build(name, 1, size)
-        merged = C.merge_compositional([a, c], data, "mudsc_zip", input_fn=lambda x: (x,), composition=comp,
+        merged = C.merge_compositional([a, c], data, "zipit", input_fn=lambda x: (x,), composition=comp,
                                          unit_merger=mf.Merger)
         out = detections(merged, example[0])
         row["independent_finite"] = all(bool(torch.isfinite(x.float()).all()) for x in out)

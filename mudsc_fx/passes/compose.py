@@ -168,32 +168,44 @@ def permuted_copy(model: nn.Module, comp: Composition, seed: int = 0,
     return out
 
 
-def _double(x: Any) -> Any:
-    return pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
 def check_composition(model: nn.Module, example_inputs: Any, comp: Composition, seed: int = 0,
-                      units: Optional[Sequence[str]] = None, rtol: float = 1e-7) -> tuple[bool, float]:
+                      units: Optional[Sequence[str]] = None) -> tuple[bool, float, str]:
     """Prove the units on the whole model: permute every unit (or the listed ones) of a
-    float64 copy at random and compare the whole model's outputs. Returns (ok, max abs error)."""
-    inputs = _double(as_input_tuple(example_inputs))
-    ref = copy.deepcopy(model).double()
+    float64 copy at random and compare the whole model's outputs (tolerance 1e-7 of their
+    scale). A model whose forward does not run in float64 (RAFT builds float32 grids) is
+    proven in float32 (tolerance 1e-4: a wrong permutation changes outputs at their own
+    scale). Returns (ok, max abs error, dtype of the proof)."""
+    try:
+        return _compare(model, example_inputs, comp, seed, units, torch.float64, 1e-7)
+    except RuntimeError as e:  # a forward that does not run in float64
+        log.info("%s does not run in float64 (%s); proving in float32", type(model).__name__, _first_line(e))
+        return _compare(model, example_inputs, comp, seed, units, torch.float32, 1e-4)
+
+
+def _compare(model, example_inputs, comp, seed, units, dtype, rtol) -> tuple[bool, float, str]:
+    inputs = _cast(as_input_tuple(example_inputs), dtype)
+    ref = copy.deepcopy(model).to(dtype)
     perturb_(ref, seed)
     permuted = permuted_copy(ref, comp, seed, units)
+    name = str(dtype).replace("torch.", "")
     with torch.no_grad(), eval_mode(ref, permuted):
         a = flat_tensors(ref(*inputs))
         b = flat_tensors(permuted(*inputs))
     err, scale = 0.0, 0.0
     for x, y in zip(a, b):
         if x.shape != y.shape:
-            return False, float("inf")
+            return False, float("inf"), name
         if x.is_floating_point():
             if x.numel():
                 err = max(err, (x - y).abs().max().item())
                 scale = max(scale, x.abs().max().item())
         elif not torch.equal(x, y):
-            return False, float("inf")
-    return len(a) == len(b) and err <= rtol * max(1.0, scale), err
+            return False, float("inf"), name
+    return len(a) == len(b) and err <= rtol * max(1.0, scale), err, name
 
 
 def _demoted(model: nn.Module, u: Unit, reason: str) -> AveragedPart:
@@ -202,23 +214,24 @@ def _demoted(model: nn.Module, u: Unit, reason: str) -> AveragedPart:
 
 
 def _prove(model: nn.Module, inputs: tuple, comp: Composition, seed: int) -> Composition:
-    ok, err = check_composition(model, inputs, comp, seed)
+    ok, err, dtype = check_composition(model, inputs, comp, seed)
     units = list(comp.units)
     averaged = list(comp.report.averaged)
     if not ok:  # locate: prove each unit alone in the whole model, demote the ones that break it
         for u in list(units):
-            u_ok, u_err = check_composition(model, inputs, comp, seed, units=[u.path])
+            u_ok, u_err, _ = check_composition(model, inputs, comp, seed, units=[u.path])
             if not u_ok:
                 log.warning("unit %s breaks the whole model when permuted (error %.2g): only averaged", u.path, u_err)
                 units.remove(u)
                 averaged.append(_demoted(model, u, f"permuting it changes the whole model's output (error "
                                                    f"{u_err:.2g}): the untraced parent uses its weights directly"))
-        ok, err = check_composition(model, inputs, Composition(tuple(units), comp.report), seed)
+        ok, err, dtype = check_composition(model, inputs, Composition(tuple(units), comp.report), seed)
         if not ok:  # pragma: no cover - each unit alone passed but not all together
             log.warning("the traced units together still change the whole model (error %.2g): all averaged", err)
             averaged += [_demoted(model, u, "the units together change the whole model's output") for u in units]
             units = []
-    report = replace(comp.report, units=tuple(u.report for u in units), averaged=tuple(averaged), max_abs_err=err)
+    report = replace(comp.report, units=tuple(u.report for u in units), averaged=tuple(averaged), max_abs_err=err,
+                     proof_dtype=dtype)
     return Composition(tuple(units), report)
 
 

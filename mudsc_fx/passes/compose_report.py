@@ -47,6 +47,7 @@ class CompositionReport:
     untraced: tuple[Untraced, ...]
     total_params: int
     max_abs_err: Optional[float]     # whole-model proof with every unit permuted (None: not run)
+    proof_dtype: str = "float64"     # float32 for models whose forward does not run in float64
 
     @property
     def merged_params(self) -> int:
@@ -70,7 +71,8 @@ class CompositionReport:
         if self.whole_error:
             lines.append(f"  whole model: {self.whole_error.splitlines()[0][:200]}")
         if self.max_abs_err is not None:
-            lines.append(f"  proof on the whole model (all units permuted): max abs error {self.max_abs_err:.2g}")
+            lines.append(f"  proof on the whole model (all units permuted, {self.proof_dtype}): "
+                         f"max abs error {self.max_abs_err:.2g}")
         lines.append(f"  {'merged submodule':<36} {'module':<24} {'params':>10} {'calls':>5} {'spaces':>6} "
                      f"{'free':>5} {'coverage':>8} {'barriers':>8}")
         for u in self.units:
