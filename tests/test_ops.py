@@ -989,17 +989,6 @@ case("nn.Embedding", Embed, _embedding, "Embedding: its columns are a fresh spac
 case("F.embedding", lambda: Embed(True), _embedding, "F.embedding with a parameter: the same", TOKENS)
 
 
-# --- casts with another tensor's dtype, repeat_interleave ----------------------------------------
-def _type_as(pg):
-    assert free(pg, "fc_a.weight", 0) and not same(pg, ("fc_a.weight", 0), ("fc_b.weight", 0)), pg.summary()
-
-
-pair("Tensor.type_as", lambda a, b: a.type_as(b), _type_as, "a cast of a: b gives its dtype only (no space joins)")
-chain("torch.repeat_interleave", lambda h: torch.repeat_interleave(h, 2, dim=-1), H_free,
-      "index i*r + j is unit i: a kron layout of the hidden space")
-chain("Tensor.repeat_interleave", lambda h: h.repeat_interleave(3, dim=1), H_free, "repeats along tokens")
-
-
 # --- third-party rows (torchvision) -----------------------------------------------------------------
 def _torchvision_cases() -> None:
     from torchvision.models.swin_transformer import PatchMerging, SwinTransformerBlock
@@ -1063,54 +1052,6 @@ def _torchvision_cases() -> None:
          lambda: (_randn(1, 3, 2, 5, 5),))
 
 
-def _torchvision_video_cases() -> None:
-    from torchvision.models.video import mvit
-    from torchvision.models.video.swin_transformer import PatchEmbed3d, ShiftedWindowAttention3d
-
-    chain("torchvision mvit _unsqueeze/_squeeze",
-          lambda h: mvit._squeeze(mvit._unsqueeze(h, 4, 1)[0], 4, 1, 3), H_free,
-          "a size-1 axis inserted and dropped again: a reshape, every other axis keeps its space")
-
-    class Swin3d(nn.Module):
-        """Linear (3 -> 8) on [1, 2, 4, 4, 3] -> video Swin window attention (2 heads, 2x2x2 windows)."""
-
-        def __init__(self):
-            super().__init__()
-            self.fc_in = nn.Linear(3, 8)
-            self.attn = ShiftedWindowAttention3d(8, [2, 2, 2], [1, 1, 1], 2)
-            self.fc_out = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.fc_out(self.attn(self.fc_in(x)))
-
-    def _swin3d(pg):
-        assert free(pg, "fc_in.weight", 0), pg.summary()
-        qkv = member(pg, "attn.qkv.weight", 0)
-        assert isinstance(qkv.layout, Concat) and len(qkv.layout.parts) == 3
-        table = member(pg, "attn.relative_position_bias_table", 1)
-        assert table is not None and any(pg.spaces[s].kind == "head" and pg.is_free(s) for s in spaces_of(table.layout))
-        assert pg.coverage() == 1.0
-
-    class Embed3d(nn.Module):
-        """video Swin's patch embedding (pads T, H, W to the patch size) -> Linear."""
-
-        def __init__(self):
-            super().__init__()
-            self.embed, self.fc_out = PatchEmbed3d([2, 2, 2], 3, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.fc_out(self.embed(x))
-
-    def _embed3d(pg):
-        assert free(pg, "embed.proj.weight", 0) and same(pg, ("embed.proj.weight", 0), ("fc_out.weight", 1))
-
-    case("torchvision video Swin patch embedding", Embed3d, _embed3d,
-         "the pad sizes are ints (no tensor): the conv's channels stay free", lambda: (_randn(1, 3, 3, 5, 5),))
-    case("torchvision video Swin window attention", Swin3d, _swin3d,
-         "3-d window attention: packed qkv with head blocks, the position table follows the heads",
-         lambda: (_randn(1, 2, 4, 4, 3),))
-
-
 def _timm_cases() -> None:
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
@@ -1164,7 +1105,6 @@ def _timm_cases() -> None:
 
 try:
     _torchvision_cases()
-    _torchvision_video_cases()
 except ImportError:  # torchvision is a test dependency; without it its rows are not loaded either
     pass
 try:
@@ -1229,12 +1169,25 @@ UNREACHABLE = {
 }
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """fx with extra leaf classes and wrapped functions (what a library's conventions adopt)."""
+
+    def __init__(self, leaves: tuple = (), functions: tuple = ()):
+        super().__init__(autowrap_functions=functions)
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
 def _exercised(c: Case) -> set[str]:
-    """Rule keys of the case's traced graph (fx tracing alone: no shapes needed)."""
+    """Rule keys of the case's traced graph (fx tracing alone, with the model libraries'
+    conventions as mf.trace uses them: no shapes needed)."""
+    from mudsc_fx.ir.conventions import trace_fx
     model = _seeded(c.build)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return set(rule_keys(model, torch.fx.Tracer().trace(model)))
+        return set(rule_keys(model, trace_fx(model, _LeafTracer)[1]))
 
 
 def test_every_rule_key_has_a_per_op_case():
