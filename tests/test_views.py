@@ -342,3 +342,22 @@ def test_zoo_picture_and_page(name, shape):
     for fold in ("auto", "never"):
         _check_scene(pg, build(pg, title=name, fold=fold))
     check_page(pg, views.to_html(pg, title=name))
+
+
+def test_merge_command_writes_the_report_of_its_merge(tmp_path, capsys):
+    from cli_models import small_cnn
+    ck = []
+    for i in range(2):
+        torch.manual_seed(i)
+        torch.save(small_cnn().state_dict(), tmp_path / f"c{i}.pt")
+        ck.append(str(tmp_path / f"c{i}.pt"))
+    report = tmp_path / "merge.html"
+    assert main(["merge", "--arch", CNN, "--checkpoints", *ck, "--data", "cli_models:calibration",
+                 "--method", "zipit", "-o", str(tmp_path / "m.pt"), "--report", str(report)]) == 0
+    p = _PageParser()
+    p.feed(report.read_text())
+    data = json.loads(p.scripts["graph-data"])
+    assert data["merge"]["config"].startswith("zipit") and any(s["match"]["method"] == "zip" for s in data["spaces"])
+    assert main(["merge", "--arch", CNN, "--checkpoints", *ck, "--method", "rebasin", "--input-shape", "1,3,8,8",
+                 "-o", str(tmp_path / "m.pt"), "--report", str(tmp_path / "r.txt")]) == 2
+    assert "--report" in capsys.readouterr().err

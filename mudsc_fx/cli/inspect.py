@@ -77,10 +77,8 @@ def run(args) -> int:
         text = pg.to_dot()
     if args.output:
         out = Path(args.output)
-        if fmt == "html":
-            views.write_html(pg, out, title=title, fold=args.fold)
-        elif fmt == "picture":
-            views.render(pg, out, title=title, fold=args.fold)
+        if fmt in ("html", "picture"):
+            views.write(pg, out, title=title, fold=args.fold)
         else:
             out.write_text(text + "\n")
         print(f"wrote {out}")

@@ -78,6 +78,8 @@ def add_parser(sub) -> None:
     s.add_argument("--input-shape", type=parse_shape, default=(1, 3, 224, 224))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--report", help="matching methods: also write the merge's page (.html) or picture (.png/.svg/.pdf): "
+                                    "per space the method, matching quality, units zipped within one model")
     s.set_defaults(func=run)
 
 
@@ -176,6 +178,8 @@ def _run_matching(args) -> int:
         return fail(f"--method {args.method} needs --arch (the model the checkpoints belong to)")
     config = method_config(args.method, args.alpha)  # bad alpha / method: before any work
     output = check_output_path(args.output, CHECKPOINT_SUFFIXES, "-o")
+    from .. import views
+    report = check_output_path(args.report, views.FILE_SUFFIXES, "--report") if args.report else None
     data = load_data(args.data)
     if config.uses_activations and data is None:
         return fail(f"--method {args.method} matches activations: give calibration inputs with --data")
@@ -192,6 +196,8 @@ def _run_matching(args) -> int:
     if main:  # rank 0 writes
         write_state_dict(result.model.state_dict(), output)
         print(result.summary())
+        if report is not None:
+            print(f"report -> {views.write(result, report, title=f'{args.arch} merged with {args.method}')}")
         print(f"{time.perf_counter() - t0:.1f}s -> {output}")
     return 0
 
@@ -225,8 +231,9 @@ def _run_task_vectors(args) -> int:
         if name not in known:
             flags = ", ".join(_flag(n) for n in sorted(known)) or "none"
             return fail(f"{_flag(name)} does not apply to --method {args.method} (its options: {flags})")
-    if args.alpha is not None:
-        return fail(f"--alpha applies to the matching methods, not --method {args.method}")
+    if args.alpha is not None or args.report:
+        flag = "--alpha" if args.alpha is not None else "--report"
+        return fail(f"{flag} applies to the matching methods, not --method {args.method}")
     options = method.resolve(given)
     output = check_output_path(args.output, method.output_suffixes, "-o")
     if not args.base:
