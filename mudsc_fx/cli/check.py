@@ -141,4 +141,4 @@ def _print_summary(report) -> None:
             print(f"  skipped {r.model}: {r.error}")
     for r in report.results:
         if r.failed:
-            print(f"  {r.status} {r.model}: {r.error or f'outputs differ (max abs err {r.max_abs_err:.3g})'}")
+            print(f"  {r.status} {r.model}: {r.failure()}")

@@ -84,12 +84,12 @@ def compare(baseline: ZooReport, current: ZooReport) -> Comparison:
 def _compare_model(b: Optional[ModelResult], r: ModelResult) -> list[Change]:
     if b is None:
         if r.failed:
-            return [Change(r.model, f"new {r.status}", True, f"not in the baseline; {_what_failed(r)}")]
+            return [Change(r.model, f"new {r.status}", True, f"not in the baseline; {r.failure()}")]
         return [Change(r.model, "new model", False, f"not in the baseline; {r.status}")]
     if r.failed:
         if r.status == b.status:
-            return [Change(r.model, "still failing", False, _what_failed(r))]
-        return [Change(r.model, f"new {r.status}", True, f"was {b.status}; now {_what_failed(r)}")]
+            return [Change(r.model, "still failing", False, r.failure())]
+        return [Change(r.model, f"new {r.status}", True, f"was {b.status}; now {r.failure()}")]
     if b.failed and r.status == "ok":
         return [Change(r.model, "fixed", False, f"was {b.status}; now ok, coverage {r.coverage:.3f}")]
     if r.status == "skipped" and b.status != "skipped":
@@ -118,12 +118,6 @@ def lost_spaces(b: ModelResult, r: ModelResult) -> tuple[SpaceSignature, ...]:
     that is split into finer free spaces is not lost; one that becomes fixed is)."""
     now = {m for s in r.free_spaces for m in s.members}
     return tuple(s for s in b.free_spaces if not set(s.members) <= now)
-
-
-def _what_failed(r: ModelResult) -> str:
-    if r.status == "FAIL":
-        return f"outputs differ after a valid permutation: max abs err {r.max_abs_err:.3g} > tolerance {r.tolerance:.3g}"
-    return r.error or r.status
 
 
 def _version_notes(old: dict, new: dict) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ def junit_xml(report: ZooReport, comparison: Optional[Comparison] = None) -> str
         regressions = [c for c in changes if c.regression]
         known = comparison is not None and r.failed and not regressions
         if r.status == "skipped" or known:
-            why = f"known {r.status} in the baseline: {_failure_text(r)}" if known else r.error or ""
+            why = f"known {r.status} in the baseline: {r.failure()}" if known else r.error or ""
             ET.SubElement(case, "skipped", message=_short(why))
             counts["skipped"] += 1
         elif r.status == "error":
@@ -34,7 +34,7 @@ def junit_xml(report: ZooReport, comparison: Optional[Comparison] = None) -> str
             counts["errors"] += 1
         elif r.status == "FAIL" or regressions:
             kind = "EquivalenceFailure" if r.status == "FAIL" else "CoverageDrop"
-            text = _failure_text(r) if r.status == "FAIL" else "\n".join(c.line() for c in regressions)
+            text = r.failure() if r.status == "FAIL" else "\n".join(c.line() for c in regressions)
             el = ET.SubElement(case, "failure", message=_short(text.splitlines()[0]), type=kind)
             el.text = text
             counts["failures"] += 1
@@ -67,7 +67,7 @@ def markdown(report: ZooReport, comparison: Optional[Comparison] = None, title: 
               + " spaces | free | barriers | max abs err | input | s |",
               "|---|---|---:|" + ("---|" if delta else "") + "---:|---:|---:|---:|---|---:|"]
     for r in report.results:
-        status = r.status if r.status == "ok" else f"{r.status}: {_md(_short(_failure_text(r), 60))}"
+        status = r.status if r.status == "ok" else f"{r.status}: {_md(_short(r.failure(), 60))}"
         change = ""
         if delta:
             change = "; ".join(ch.kind for ch in comparison.for_model(r.model))
@@ -76,13 +76,6 @@ def markdown(report: ZooReport, comparison: Optional[Comparison] = None, title: 
             _num(r.max_abs_err, ".1e"), r.input, f"{r.seconds:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _failure_text(r: ModelResult) -> str:
-    if r.status == "FAIL":
-        return (f"outputs differ after a valid permutation of every free space: max abs err "
-                f"{r.max_abs_err:.3g} > tolerance {r.tolerance:.3g}")
-    return r.error or r.status
 
 
 def _ok_text(r: ModelResult) -> str:

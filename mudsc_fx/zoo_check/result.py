@@ -52,6 +52,7 @@ class ModelResult:
     tolerance: Optional[float] = None
     barriers: tuple[str, ...] = ()
     free_spaces: tuple[SpaceSignature, ...] = ()
+    failing_spaces: tuple[SpaceSignature, ...] = ()
     error: Optional[str] = None
     seconds: float = 0.0
     peak_rss_mb: Optional[float] = None
@@ -59,6 +60,18 @@ class ModelResult:
     @property
     def failed(self) -> bool:
         return self.status in ("FAIL", "error")
+
+    def failure(self) -> str:
+        """What went wrong, in one line (FAIL: the error and the failing spaces)."""
+        if self.status != "FAIL":
+            return self.error or self.status
+        text = (f"outputs differ after a valid permutation of every free space: max abs err "
+                f"{self.max_abs_err:.3g} > tolerance {self.tolerance:.3g}")
+        if self.failing_spaces:
+            text += "; failing spaces: " + "; ".join(s.label() for s in self.failing_spaces[:4])
+            if len(self.failing_spaces) > 4:
+                text += f"; +{len(self.failing_spaces) - 4} more"
+        return text
 
     def outcome(self) -> dict:
         """Everything but the measurements: equal for a serial and a parallel run."""
@@ -71,8 +84,9 @@ class ModelResult:
         d = asdict(self)
         d["barrier_nodes"] = list(d.pop("barriers"))
         d["barriers"] = len(self.barriers)
-        d["free_spaces"] = [{"id": s.id, "size": s.size, "kind": s.kind, "members": list(s.members)}
-                            for s in self.free_spaces]
+        for key in ("free_spaces", "failing_spaces"):
+            d[key] = [{"id": s.id, "size": s.size, "kind": s.kind, "members": list(s.members)}
+                      for s in getattr(self, key)]
         if self.status == "skipped":
             d["reason"] = d.pop("error")
         return d
@@ -81,12 +95,14 @@ class ModelResult:
     def from_dict(cls, d: dict) -> "ModelResult":
         if d.get("status") not in STATUSES or "model" not in d:
             raise ValueError(f"not a zoo report row (model and status in {STATUSES}): {str(d)[:120]}")
-        spaces = tuple(SpaceSignature(s["id"], s["size"], s.get("kind", "unit"), tuple(s["members"]))
-                       for s in d.get("free_spaces") or ())
+        def spaces(key):
+            return tuple(SpaceSignature(s["id"], s["size"], s.get("kind", "unit"), tuple(s["members"]))
+                         for s in d.get(key) or ())
         return cls(model=d["model"], status=d["status"], input=d.get("input") or "", n_params=d.get("n_params"),
                    spaces=d.get("spaces"), free=d.get("free"), coverage=d.get("coverage"),
                    max_abs_err=d.get("max_abs_err"), tolerance=d.get("tolerance"),
-                   barriers=tuple(d.get("barrier_nodes") or ()), free_spaces=spaces,
+                   barriers=tuple(d.get("barrier_nodes") or ()), free_spaces=spaces("free_spaces"),
+                   failing_spaces=spaces("failing_spaces"),
                    error=d.get("error") or d.get("reason"), seconds=d.get("seconds") or 0.0,
                    peak_rss_mb=d.get("peak_rss_mb"))
 
@@ -159,10 +175,10 @@ def library_versions() -> dict:
 
 # -- signatures ---------------------------------------------------------------------------
 
-def free_space_signatures(pg: PermutationGraph) -> tuple[SpaceSignature, ...]:
+def space_signatures(pg: PermutationGraph, ids) -> tuple[SpaceSignature, ...]:
     ties = pg.ties()
     out = []
-    for sid in pg.free_spaces:
+    for sid in ids:
         space = pg.spaces[sid]
         if space.kind == "head":
             members = ["heads:" + _member_signature(m, t) for t in ties.get(sid, ())

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 
 from ..sources import ZooEntry
-from .result import ModelResult, free_space_signatures
+from .result import ModelResult, space_signatures
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,15 @@ def check_model(entry: ZooEntry, seed: int = 0, max_params: int = Limits.max_par
         entry.name, status, entry.describe_input(example), n_params, rep.n_spaces, rep.n_free,
         round(rep.coverage, 4), rep.max_abs_err, rep.tolerance,
         tuple(f"{b.node} ({b.op})" for b in rep.barriers),
-        free_space_signatures(pg) if pg is not None else (), rep.error,
-        round(time.perf_counter() - t0, 2))
+        *_signatures(pg, rep.failing_spaces), rep.error, round(time.perf_counter() - t0, 2))
+
+
+def _signatures(pg, failing: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """(free spaces that passed, failing spaces) as signatures."""
+    if pg is None:
+        return (), ()
+    passed = [s for s in pg.free_spaces if s not in set(failing)]
+    return space_signatures(pg, passed), space_signatures(pg, failing)
 
 
 def _count(n: int) -> str:
