@@ -38,7 +38,7 @@ residual                             2           1       1.000    5.55e-17      
 compared with the baseline: 1 regression, 0 improvements
   REGRESSION mlp: coverage drop: coverage 1.0000 -> 0.5000 (-0.5000); free spaces 2 -> 1
       free spaces that became fixed:
-        S1 (unit, size 16: 2.bias[0], 2.weight[0], 4.weight[1]<in>)
+        S1 (unit, size 16: 2.bias[0], 2.weight[0])
       new barriers: _3 (module 3)
 $ echo $?
 1

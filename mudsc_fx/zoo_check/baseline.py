@@ -114,10 +114,12 @@ def _compare_model(b: Optional[ModelResult], r: ModelResult) -> list[Change]:
 
 
 def lost_spaces(b: ModelResult, r: ModelResult) -> tuple[SpaceSignature, ...]:
-    """Baseline free spaces with a parameter axis that is in no free space of ``r`` (a space
-    that is split into finer free spaces is not lost; one that becomes fixed is)."""
+    """Baseline free spaces none of whose listed axes is in a free space of ``r``. A space that
+    becomes fixed loses all of them; one split into finer free spaces keeps its first axis
+    (the first of whichever part holds it). A space of which only a part became fixed shows
+    as a coverage drop without a name."""
     now = {m for s in r.free_spaces for m in s.members}
-    return tuple(s for s in b.free_spaces if not set(s.members) <= now)
+    return tuple(s for s in b.free_spaces if s.members and not now & set(s.members))
 
 
 def _version_notes(old: dict, new: dict) -> tuple[str, ...]:

@@ -15,23 +15,26 @@ from ..ir.graph import Member, PermutationGraph
 from ..ir.layout import Concat, Fixed, Kron, Layout, Plain
 
 STATUSES = ("ok", "FAIL", "error", "skipped")
+MAX_MEMBERS = 8   # per space signature: enough to recognise and name it
 FORMAT = "mudsc-fx zoo report 1"
 
 
 @dataclass(frozen=True)
 class SpaceSignature:
-    """A free space as a later run can recognise it: ``members`` are ``param[axis]`` strings,
-    ``<in>`` for input axes, with the axis layout when the space is only part of the axis
-    (``*`` marks this space's part, ``.`` another space's). Head spaces list the members of
-    the unit spaces whose blocks they move, prefixed ``heads:``."""
+    """A free space as a later run can recognise it: ``members`` are the first (sorted)
+    ``param[axis]`` that carry its units, with the position when the space is only part of the
+    axis (``cat2/5``: part 2 of 5 of a concatenation; ``kron(*,1,49)``: a flatten). Head
+    spaces list the members of the unit spaces whose blocks they move, prefixed ``heads:``."""
     id: int
     size: int
     kind: str
     members: tuple[str, ...]
+    n_members: int = 0   # before the list was cut to MAX_MEMBERS (0: not cut)
 
     def label(self, limit: int = 3) -> str:
+        total = max(self.n_members, len(self.members))
         shown = ", ".join(self.members[:limit])
-        more = f", +{len(self.members) - limit} more" if len(self.members) > limit else ""
+        more = f", +{total - limit} more" if total > limit else ""
         return f"S{self.id} ({self.kind}, size {self.size}: {shown}{more})"
 
 
@@ -85,8 +88,8 @@ class ModelResult:
         d["barrier_nodes"] = list(d.pop("barriers"))
         d["barriers"] = len(self.barriers)
         for key in ("free_spaces", "failing_spaces"):
-            d[key] = [{"id": s.id, "size": s.size, "kind": s.kind, "members": list(s.members)}
-                      for s in getattr(self, key)]
+            d[key] = [{"id": s.id, "size": s.size, "kind": s.kind, "members": list(s.members),
+                       **({"n_members": s.n_members} if s.n_members else {})} for s in getattr(self, key)]
         if self.status == "skipped":
             d["reason"] = d.pop("error")
         return d
@@ -96,8 +99,8 @@ class ModelResult:
         if d.get("status") not in STATUSES or "model" not in d:
             raise ValueError(f"not a zoo report row (model and status in {STATUSES}): {str(d)[:120]}")
         def spaces(key):
-            return tuple(SpaceSignature(s["id"], s["size"], s.get("kind", "unit"), tuple(s["members"]))
-                         for s in d.get(key) or ())
+            return tuple(SpaceSignature(s["id"], s["size"], s.get("kind", "unit"), tuple(s["members"]),
+                                        s.get("n_members", 0)) for s in d.get(key) or ())
         return cls(model=d["model"], status=d["status"], input=d.get("input") or "", n_params=d.get("n_params"),
                    spaces=d.get("spaces"), free=d.get("free"), coverage=d.get("coverage"),
                    max_abs_err=d.get("max_abs_err"), tolerance=d.get("tolerance"),
@@ -176,35 +179,49 @@ def library_versions() -> dict:
 # -- signatures ---------------------------------------------------------------------------
 
 def space_signatures(pg: PermutationGraph, ids) -> tuple[SpaceSignature, ...]:
+    """Signatures of spaces ``ids``. Only the axes that carry the space's units (role ``out``)
+    are listed: they identify the space (a space that becomes fixed loses all of them) at a
+    fraction of the size (a DenseNet space is read by every later layer of its block)."""
     ties = pg.ties()
     out = []
     for sid in ids:
         space = pg.spaces[sid]
         if space.kind == "head":
-            members = ["heads:" + _member_signature(m, t) for t in ties.get(sid, ())
-                       for m in pg.spaces[t].members]
+            members = ["heads:" + sig for t in ties.get(sid, ()) for sig in _member_signatures(pg.spaces[t].members, t)]
         else:
-            members = [_member_signature(m, sid) for m in space.members]
-        out.append(SpaceSignature(sid, space.size, space.kind, tuple(sorted(set(members)))))
+            members = _member_signatures(space.members, sid)
+        members = sorted(set(members))
+        out.append(SpaceSignature(sid, space.size, space.kind, tuple(members[:MAX_MEMBERS]),
+                                  len(members) if len(members) > MAX_MEMBERS else 0))
     return tuple(out)
+
+
+def _member_signatures(members: Sequence[Member], sid: int) -> list[str]:
+    carriers = [m for m in members if m.role == "out"] or list(members)
+    return [_member_signature(m, sid) for m in carriers]
 
 
 def _member_signature(m: Member, sid: int) -> str:
     base = f"{m.fqn}[{m.axis}]" + ("" if m.role == "out" else f"<{m.role}>")
     if isinstance(m.layout, Plain):
         return base
-    return f"{base} {_pattern(m.layout, sid)}"
+    return f"{base} {_position(m.layout, sid)}"
 
 
-def _pattern(layout: Layout, sid: int) -> str:
+def _position(layout: Layout, sid: int) -> Optional[str]:
+    """Where space ``sid`` sits in a composite axis layout, without other space ids:
+    ``cat2/5`` (part 2 of 5), ``kron(*,1,49)`` (a flatten), nested as needed."""
     if isinstance(layout, Plain):
-        return "*" if layout.space == sid else "."
+        return "*" if layout.space == sid else None
     if isinstance(layout, Fixed):
-        return f"fixed[{layout.n}]"
+        return None
     if isinstance(layout, Concat):
-        return "cat(" + ",".join(_pattern(p, sid) for p in layout.parts) + ")"
+        hits = [(i, _position(p, sid)) for i, p in enumerate(layout.parts)]
+        hits = [f"{i}" if h == "*" else f"{i}({h})" for i, h in hits if h is not None]
+        return f"cat{','.join(hits)}/{len(layout.parts)}" if hits else None
     if isinstance(layout, Kron):
-        return f"kron({_pattern(layout.inner, sid)},{layout.outer},{layout.inner_rep})"
+        inner = _position(layout.inner, sid)
+        return None if inner is None else f"kron({inner},{layout.outer},{layout.inner_rep})"
     return type(layout).__name__
 
 
