@@ -69,8 +69,8 @@ def render(report, timing=None) -> str:
         f"Every classification model of torchvision (random weights seeded per model, eval mode; inputs "
         f"64x64 or the model's declared minimum: 224 for ViT/Swin/MaxViT, 256 for Swin V2, 75 for "
         f"Inception v3): **{len(ok)} checked, {c['FAIL'] + c['error']} failures, {c['skipped']} skipped** "
-        f"(over 150M parameters: a float64 proof needs ~20 bytes per parameter, and each worker stays "
-        f"under 4 GB); {full} of {len(ok)} with coverage 1.0. Max error is the largest absolute output "
+        f"(over 250M parameters: a proof holds the model and its float64 copy, ~12 bytes per parameter, "
+        f"and each worker stays under 4 GB); {full} of {len(ok)} with coverage 1.0. Max error is the largest absolute output "
         f"difference in float64 between the model and a copy with every free space randomly permuted.",
     ]
     if timing:
