@@ -67,7 +67,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("MistralForCausalLM", "MistralConfig", dict(_ROPE_GQA, sliding_window=4), "text",
                       ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "Llama-like with sliding-window mask"),
     "vit": Family("ViTForImageClassification", "ViTConfig", dict(_VISION, num_labels=3), "image",
-                  ("intermediate.dense",), "output.dense", "patch conv, cls token, learned positions"),
+                  ("mlp.fc1",), "mlp.fc2", "patch conv, cls token, learned positions"),
     "clip_vision": Family("CLIPVisionModel", "CLIPVisionConfig", _VISION, "image", ("mlp.fc1",), "mlp.fc2",
                           "pre-norm, quick-GELU, position embedding table"),
     "t5_encoder": Family("T5EncoderModel", "T5Config",
@@ -152,10 +152,13 @@ class MergeBack:
     proof_error: float
     coverage: float
     error: float
+    reload_error: Optional[float] = None
 
 
-def merge_back(family: str, *, n_batches: int = 3, seed: int = 0) -> MergeBack:
-    """Merge a tiny model of ``family`` with its MLP-permuted copy on dict batches."""
+def merge_back(family: str, *, n_batches: int = 3, seed: int = 0, out_dir: Optional[str] = None) -> MergeBack:
+    """Merge a tiny model of ``family`` with its MLP-permuted copy on dict batches. With
+    ``out_dir`` the merged model is also written there (``save_pretrained``) and loaded back
+    with ``hf:out_dir``; ``reload_error`` compares the reloaded model's outputs with it."""
     import mudsc_fx as mf
     from .ir.trace import call_model
     from .passes.check import flat_tensors
@@ -168,5 +171,14 @@ def merge_back(family: str, *, n_batches: int = 3, seed: int = 0) -> MergeBack:
     with torch.no_grad():
         ref, got = flat_tensors(call_model(a, x)), flat_tensors(call_model(res.model, x))
     err = max((r - m).abs().max().item() for r, m in zip(ref, got) if r.is_floating_point())
+    reload_err = None
+    if out_dir is not None:
+        from .hf import save_pretrained
+        from .sources import load_model
+        save_pretrained(res.model, out_dir)
+        with torch.no_grad():
+            again = flat_tensors(call_model(load_model(f"hf:{out_dir}"), x))
+        reload_err = max((m - r).abs().max().item() for m, r in zip(got, again) if m.is_floating_point())
     v = res.verification
-    return MergeBack(family, v is not None and v.ok, v.max_abs_err if v else float("nan"), res.graph.coverage(), err)
+    return MergeBack(family, v is not None and v.ok, v.max_abs_err if v else float("nan"), res.graph.coverage(), err,
+                     reload_err)

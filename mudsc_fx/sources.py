@@ -1,6 +1,7 @@
 """Where models come from, and the model zoos that ``mudsc-fx check --zoo`` sweeps.
 
-A model spec is ``torchvision:NAME``, ``timm:NAME``, ``path/file.py:factory`` or
+A model spec is ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a local transformers directory
+or config, see :mod:`mudsc_fx.hf`), ``path/file.py:factory`` or
 ``package.module:factory`` (imported from the current directory too). A zoo is a name mapped
 to a function that yields :class:`ZooEntry` items (or ``(name, factory, example)`` tuples);
 ``torchvision``, ``timm`` and ``hf`` are registered, :func:`register_zoo` adds more, and a
@@ -84,11 +85,24 @@ def load_model(spec: str, **kwargs) -> nn.Module:
         if not timm.is_model(name):
             raise ModelSpecError(f"timm has no model {name!r}")
         return timm.create_model(name, pretrained=False, **kwargs)
+    if kind == "hf":  # a local transformers directory or config, or a tiny HF zoo model
+        from .hf import load_hf
+        return load_hf(name)
     factory = import_object(spec)
     model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def default_example(spec: str) -> Any:
+    """The example input of a model spec: a shape (see :func:`default_input_shape`), or for
+    ``hf:`` specs a function returning the keyword inputs HF users pass."""
+    kind, _, name = spec.partition(":")
+    if kind == "hf":
+        from .hf import example_for
+        return lambda: example_for(name)
+    return default_input_shape(spec)
 
 
 def default_input_shape(spec: str) -> tuple[int, ...]:

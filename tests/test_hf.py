@@ -54,13 +54,15 @@ def test_permute_mlp_keeps_the_function():
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("family", ALL)
-def test_family_is_proven_and_merges_back_from_a_permuted_copy(family):
+def test_family_is_proven_and_merges_back_from_a_permuted_copy(family, tmp_path):
     """The merge proves the graph on the first dict batch (mf.check), then act_align finds
-    the planted MLP permutation: the merged model is the original."""
-    r = merge_back(family)
+    the planted MLP permutation: the merged model is the original; written with
+    save_pretrained it loads back through the hf: source."""
+    r = merge_back(family, out_dir=str(tmp_path / "merged"))
     assert r.proven, (family, r.proof_error)
     assert r.coverage >= 0.5, (family, r.coverage)
     assert r.error < 1e-4, (family, r.error)
+    assert r.reload_error == 0.0, (family, r.reload_error)
 
 
 @pytest.mark.zoo
@@ -108,3 +110,31 @@ def test_parallel_blocks_and_partial_rotary(family):
     assert a.id == m.id and pg.is_free(a.id)
     qs = _spaces_of(pg, q, 0)
     assert qs and all(s.within == "identity" and s.blocks and not pg.spaces[s.head].fixed for s in qs)
+
+
+def test_hf_source_reads_a_directory_a_config_file_and_a_zoo_name(tmp_path):
+    import json
+    from mudsc_fx.hf import HFSourceError, example_for, save_pretrained
+    from mudsc_fx.sources import load_model
+    fam = FAMILIES["llama"]
+    model = fam.build()
+    save_pretrained(model, tmp_path / "full")
+    again = load_model(f"hf:{tmp_path / 'full'}")
+    assert type(again) is type(model)
+    x = example_for(str(tmp_path / "full"))
+    assert set(x) == {"input_ids", "attention_mask"} and int(x["input_ids"].max()) < model.config.vocab_size
+    torch.testing.assert_close(call_model(again, x).logits, call_model(model, x).logits, rtol=0, atol=0)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    random = load_model(f"hf:{tmp_path / 'cfg'}")  # config only: random weights, same class
+    assert type(random) is type(model) and not torch.equal(random.lm_head.weight, model.lm_head.weight)
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    (tmp_path / "vit.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"],
+                                                  "hidden_size": 32, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 2, "intermediate_size": 64,
+                                                  "image_size": 16, "patch_size": 8}))
+    vit = load_model(f"hf:{tmp_path / 'vit.json'}")
+    assert type(vit).__name__ == "ViTModel" and set(example_for(str(tmp_path / "vit.json"))) == {"pixel_values"}
+    assert type(load_model("hf:gpt2")).__name__ == "GPT2LMHeadModel" and cfg["model_type"] == "llama"
+    with pytest.raises(HFSourceError, match="hub is not used"):
+        load_model("hf:meta-llama/Llama-3-8B")

@@ -73,7 +73,7 @@ def run(args) -> int:
 
 
 def _entries(args):
-    from ..sources import ZooEntry, default_input_shape, load_model, zoo
+    from ..sources import ZooEntry, default_example, load_model, zoo
     if args.zoo and args.models:
         raise ValueError("give MODEL specs or --zoo, not both")
     if args.zoo:
@@ -81,7 +81,7 @@ def _entries(args):
     if not args.models:
         raise ValueError("give MODEL specs (torchvision:NAME, timm:NAME, file.py:factory, package.module:factory) "
                          "or --zoo torchvision|timm|hf|module:attr")
-    return [ZooEntry(m, (lambda m=m: load_model(m)), args.input_shape or default_input_shape(m))
+    return [ZooEntry(m, (lambda m=m: load_model(m)), args.input_shape or default_example(m))
             for m in args.models], "models"
 
 
