@@ -18,11 +18,8 @@ from typing import Any, Union
 from torch import nn
 
 
-from .sources import ModelSpecError
-
-
-class HFSourceError(ModelSpecError):
-    pass
+class HFSourceError(ValueError):
+    """A bad ``hf:`` spec (``mudsc_fx.sources.load_model`` reports it as a ModelSpecError)."""
 
 
 def _transformers():

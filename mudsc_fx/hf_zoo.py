@@ -92,13 +92,8 @@ FAMILIES: dict[str, Family] = {
 
 def hf_zoo(pattern: Optional[str] = None) -> list:
     """The zoo entries (name, factory, example inputs) for ``mudsc-fx check --zoo hf``."""
-    from .sources import ZooEntry
-    out = []
-    for name, fam in FAMILIES.items():
-        if pattern and not fnmatch.fnmatchcase(name, pattern):
-            continue
-        out.append(ZooEntry(name, fam.build, fam.example))
-    return out
+    return [(name, fam.build, fam.example) for name, fam in FAMILIES.items()
+            if not pattern or fnmatch.fnmatchcase(name, pattern)]
 
 
 def permute_mlp(model: nn.Module, family: str, seed: int = 1) -> nn.Module:
@@ -158,7 +153,7 @@ class MergeBack:
 def merge_back(family: str, *, n_batches: int = 3, seed: int = 0, out_dir: Optional[str] = None) -> MergeBack:
     """Merge a tiny model of ``family`` with its MLP-permuted copy on dict batches. With
     ``out_dir`` the merged model is also written there (``save_pretrained``) and loaded back
-    with ``hf:out_dir``; ``reload_error`` compares the reloaded model's outputs with it."""
+    (``from_pretrained``); ``reload_error`` compares the reloaded model's outputs with it."""
     import mudsc_fx as mf
     from .ir.trace import call_model
     from .passes.check import flat_tensors
@@ -172,12 +167,10 @@ def merge_back(family: str, *, n_batches: int = 3, seed: int = 0, out_dir: Optio
         ref, got = flat_tensors(call_model(a, x)), flat_tensors(call_model(res.model, x))
     err = max((r - m).abs().max().item() for r, m in zip(ref, got) if r.is_floating_point())
     reload_err = None
-    if out_dir is not None:
-        from .hf import save_pretrained
-        from .sources import load_model
-        save_pretrained(res.model, out_dir)
+    if out_dir is not None:  # the transformers round trip (mudsc_fx.hf wraps these two calls)
+        res.model.save_pretrained(out_dir, safe_serialization=True)
         with torch.no_grad():
-            again = flat_tensors(call_model(load_model(f"hf:{out_dir}"), x))
+            again = flat_tensors(call_model(type(res.model).from_pretrained(out_dir, local_files_only=True).eval(), x))
         reload_err = max((m - r).abs().max().item() for m, r in zip(got, again) if m.is_floating_point())
     v = res.verification
     return MergeBack(family, v is not None and v.ok, v.max_abs_err if v else float("nan"), res.graph.coverage(), err,

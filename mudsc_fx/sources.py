@@ -86,8 +86,11 @@ def load_model(spec: str, **kwargs) -> nn.Module:
             raise ModelSpecError(f"timm has no model {name!r}")
         return timm.create_model(name, pretrained=False, **kwargs)
     if kind == "hf":  # a local transformers directory or config, or a tiny HF zoo model
-        from .hf import load_hf
-        return load_hf(name)
+        from .hf import HFSourceError, load_hf
+        try:
+            return load_hf(name)
+        except HFSourceError as e:
+            raise ModelSpecError(str(e)) from None
     factory = import_object(spec)
     model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):

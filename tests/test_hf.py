@@ -114,7 +114,8 @@ def test_parallel_blocks_and_partial_rotary(family):
 
 def test_hf_source_reads_a_directory_a_config_file_and_a_zoo_name(tmp_path):
     import json
-    from mudsc_fx.hf import HFSourceError, example_for, save_pretrained
+    from mudsc_fx.hf import example_for, save_pretrained
+    from mudsc_fx.sources import ModelSpecError
     from mudsc_fx.sources import load_model
     fam = FAMILIES["llama"]
     model = fam.build()
@@ -136,5 +137,5 @@ def test_hf_source_reads_a_directory_a_config_file_and_a_zoo_name(tmp_path):
     vit = load_model(f"hf:{tmp_path / 'vit.json'}")
     assert type(vit).__name__ == "ViTModel" and set(example_for(str(tmp_path / "vit.json"))) == {"pixel_values"}
     assert type(load_model("hf:gpt2")).__name__ == "GPT2LMHeadModel" and cfg["model_type"] == "llama"
-    with pytest.raises(HFSourceError, match="hub is not used"):
+    with pytest.raises(ModelSpecError, match="hub is not used"):
         load_model("hf:meta-llama/Llama-3-8B")
