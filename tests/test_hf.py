@@ -139,3 +139,30 @@ def test_hf_source_reads_a_directory_a_config_file_and_a_zoo_name(tmp_path):
     assert type(load_model("hf:gpt2")).__name__ == "GPT2LMHeadModel" and cfg["model_type"] == "llama"
     with pytest.raises(ModelSpecError, match="hub is not used"):
         load_model("hf:meta-llama/Llama-3-8B")
+
+
+def test_transformers_modules_as_fx_leaves_have_rows():
+    """GPT-2's Conv1D ([in, out] weight) and HF activation modules kept as fx leaves."""
+    from transformers.activations import NewGELUActivation
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.proj, self.head = Conv1D(16, 8), NewGELUActivation(), Conv1D(8, 16), \
+                torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(x + self.proj(self.act(self.fc(x))))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():
+        model.fc.bias.normal_()
+    x = torch.randn(2, 5, 8)
+    gm = mf.trace(model, x, leaf_modules=[Conv1D, NewGELUActivation], frontend="fx")
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"fc", "act", "proj", "head"}
+    rep = mf.check(model, x, leaf_modules=[Conv1D, NewGELUActivation], frontend="fx")
+    assert rep.ok and not rep.barriers and rep.n_free == 1  # the 16 hidden units (residual meets the input)
+    (hidden,) = _spaces_of(rep.graph, "fc.weight", 1)
+    assert pytest.approx(rep.coverage) == 16 / (16 + 8) and hidden.size == 16
