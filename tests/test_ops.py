@@ -1077,6 +1077,13 @@ def _timm_cases() -> None:
     conv_chain("timm ScaledStdConv2dSame", ScaledStdConv2dSame(6, 6, 3, stride=2, groups=2), conv_like, std)
     # timm wraps these helpers where they are public module globals (what fx's autowrap patches)
     conv_chain("timm crossvit scale_image", lambda h: timm_scale_image(h, (7, 7)), C_free, "a spatial resize")
+    conv_chain("timm pad_same", lambda h: timm_pad_same(h, [3, 3], [2, 2]), C_free, "SAME padding of H, W")
+
+    def same_pad(h):
+        p = timm_get_same_padding(h.shape[-1], 3, 2, 1)
+        return F.pad(h, (p // 2, p - p // 2, p // 2, p - p // 2))
+
+    conv_chain("timm get_same_padding", same_pad, C_free, "an int computed in Python from a size")
 
     class RelPos(nn.Module):
         """x [1, 4, 8] -> q/k/v (2 heads of 4) -> logits + mvitv2's decomposed position bias -> fc_out."""
@@ -1108,6 +1115,7 @@ try:
 except ImportError:  # torchvision is a test dependency; without it its rows are not loaded either
     pass
 try:
+    from timm.layers.padding import get_same_padding as timm_get_same_padding, pad_same as timm_pad_same
     from timm.models.crossvit import scale_image as timm_scale_image
     from timm.models.mvitv2 import cal_rel_pos_type as timm_cal_rel_pos_type
     _timm_cases()

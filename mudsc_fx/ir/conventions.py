@@ -40,15 +40,22 @@ def _timm_leaf_modules() -> frozenset:
 
 
 def _timm_functions() -> frozenset:
+    """timm's registered helpers, and its SAME-padding helpers (shape arithmetic in Python:
+    timm only calls them inside its registered leaf classes, a user's module may call them)."""
     from timm.layers import get_notrace_functions
-    return frozenset(f for f in get_notrace_functions() if isinstance(f, types.FunctionType))
+    from timm.layers.padding import get_same_padding, pad_same
+    registered = {f for f in get_notrace_functions() if isinstance(f, types.FunctionType)}
+    return frozenset(registered | {get_same_padding, pad_same})
 
 
 def _timm_rule_leaves() -> tuple:
-    """timm's weight-standardised convs: traced through, a grouped one is a conv with a
-    computed weight (a barrier); as leaves, a row in ``mudsc_fx.rules.timm`` covers them whole."""
-    from timm.layers.std_conv import ScaledStdConv2d, StdConv2d
-    return (StdConv2d, ScaledStdConv2d)
+    """timm layers a row in ``mudsc_fx.rules.timm`` covers whole: always leaves. Traced through,
+    a weight-standardised conv is a conv with a weight computed in forward (for a grouped one,
+    a barrier), and a SAME-padded layer computes its padding in Python."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+    return (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, Conv2dSame, MaxPool2dSame, AvgPool2dSame)
 
 
 CONVENTIONS: dict[str, Convention] = {
@@ -74,10 +81,11 @@ class Adopted:
         return ", ".join(names) or "nothing"
 
 
-def _culprit(exc: BaseException, conventions: list[Convention], root: nn.Module) -> Optional[Any]:
-    """The innermost registered leaf class or wrapped function on the failing call stack."""
+def _culprits(exc: BaseException, conventions: list[Convention], root: nn.Module) -> list[Any]:
+    """The registered leaf classes and wrapped functions on the failing call stack, innermost
+    first (an adopted one that did not help is followed by the next one out)."""
     if not conventions:
-        return None
+        return []
     leaves = frozenset().union(*(c.leaf_modules() for c in conventions))
     codes = {f.__code__: f for c in conventions for f in c.functions()}
     frames = []
@@ -85,16 +93,15 @@ def _culprit(exc: BaseException, conventions: list[Convention], root: nn.Module)
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
+    found: list[Any] = []
     for frame in reversed(frames):  # innermost first
         fn = codes.get(frame.f_code)
         if fn is not None:
-            return fn
+            found.append(fn)
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and owner is not root:
-            for klass in type(owner).__mro__:
-                if klass in leaves:
-                    return klass
-    return None
+            found += [k for k in type(owner).__mro__ if k in leaves][:1]
+    return list(dict.fromkeys(found))
 
 
 def trace_fx(model: nn.Module, make_tracer: Callable[[tuple, tuple], fx.Tracer],
@@ -115,8 +122,8 @@ def trace_fx(model: nn.Module, make_tracer: Callable[[tuple, tuple], fx.Tracer],
                 log.info("traced %s with %s", type(model).__name__, adopted.describe())
             return tracer, graph, adopted
         except Exception as e:
-            found = _culprit(e, conventions, model)
-            if found is None or found in leaves or found in functions:
+            found = next((c for c in _culprits(e, conventions, model) if c not in leaves and c not in functions), None)
+            if found is None:
                 raise
             (leaves if isinstance(found, type) else functions).append(found)
     raise RuntimeError(f"tracing {type(model).__name__} adopted {max_rounds} conventions and still fails")

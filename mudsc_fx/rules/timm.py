@@ -12,6 +12,7 @@ timm is imported. Each row is provably safe for what it covers:
   own (input, kernel) entries, which input permutations only reorder, so the conv rule holds;
   the scaled variant's ``gain`` belongs to the output units.
 - ``MaxPool2dSame``, ``AvgPool2dSame``: pooling over the spatial axes after spatial padding.
+- ``pad_same``: SAME padding of the last two (spatial) axes; ``get_same_padding``: an int.
 - ``crossvit.scale_image``: a spatial resize or crop of an image batch.
 - ``mvitv2.cal_rel_pos_type``: adds to the attention logits a per-head bias computed from q's
   head slices and position tables shared by all heads: head axes follow, q's within-head
@@ -25,6 +26,7 @@ import torch.fx as fx
 
 from .common import arg
 from .context import InferContext, TensorLabel, Within
+from .elementwise import non_tensor
 from .layers import _conv, _operand, _param, conv_module
 from .shape import spatial
 
@@ -36,6 +38,9 @@ def register(add: Callable) -> None:
     add(Conv2dSame, conv_module)
     add((StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame), std_conv_module)
     add((MaxPool2dSame, AvgPool2dSame), spatial(2))
+    from timm.layers.padding import get_same_padding, pad_same
+    add(pad_same, spatial(2))
+    add(get_same_padding, non_tensor)
     try:
         from timm.models import crossvit, mvitv2
     except ImportError:  # pragma: no cover - a timm without these models
