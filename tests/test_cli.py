@@ -247,3 +247,10 @@ def test_cli_task_vector_defaults_are_the_library_defaults(tmp_path):
                      "--input-shape", "1,3,8,8", "-o", str(out)]) == 0
         merged, expected = read_state_dict(out), library(base, models, keep=heads).state_dict()
         assert all(torch.equal(merged[n], t) for n, t in expected.items()), method
+    assert set(heads) == {"7.weight", "7.bias"}
+    for spec, keep in (("^7\\.", r"^7\."), ("none", None)):  # --heads REGEX / none: no --arch needed
+        out = tmp_path / f"heads_{keep is None}.safetensors"
+        assert main(["merge", "--base", ck[2], "--checkpoints", *ck[:2], "--method", "ties", "--heads", spec,
+                     "--k", "0.5", "-o", str(out)]) == 0
+        merged, expected = read_state_dict(out), mf.ties_merge(base, models, k=0.5, keep=keep).state_dict()
+        assert all(torch.equal(merged[n], t) for n, t in expected.items()), spec
