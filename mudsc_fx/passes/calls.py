@@ -14,6 +14,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ..ir.trace import call_model
+
 PREFIX = "inner."
 
 _CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, type(Ellipsis))
@@ -61,9 +63,10 @@ def same_signature(calls: Iterable[Call]) -> bool:
     return True
 
 
-def record_calls(model: nn.Module, inputs: tuple, paths: Optional[Iterable[str]] = None, *,
+def record_calls(model: nn.Module, inputs: Any, paths: Optional[Iterable[str]] = None, *,
                  keep: str = "first") -> dict[str, list[Call]]:
-    """Run ``model(*inputs)`` once (no grad) and record every call of the submodules at
+    """Run ``model`` once on ``inputs`` (no grad; a tensor, a tuple of positional inputs, a
+    dict of keyword inputs or a ``ModelCall``) and record every call of the submodules at
     ``paths`` (all submodules when None). ``keep="first"`` keeps the tensors of each module's
     first call only (later calls keep their structure and constants); ``keep="all"`` keeps all."""
     wanted = None if paths is None else set(paths)
@@ -79,7 +82,7 @@ def record_calls(model: nn.Module, inputs: tuple, paths: Optional[Iterable[str]]
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            model(*inputs)
+            call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -7,10 +7,11 @@ the equivalence check; otherwise its children are tried. A unit's inputs and out
 inputs and outputs of its own graph, so they are barriers: its internal spaces are merged and
 its interface stays in the original basis, which is what the parent's untraced code sees.
 Parameters outside every unit are only averaged. ``check_composition`` proves the plan on the
-whole model (every unit permuted at once, outputs compared in float64); a unit that breaks the
-whole model (a parent reading its weights directly) is demoted to averaging.
-``merge_compositional`` merges every unit with the library pipeline (``merge``) on the inputs
-the unit received, averages the rest, and reports which is which; it warns, never silently.
+whole model (every unit permuted at once, outputs compared in float64, or float32 for a model
+that does not run in float64); a unit that breaks the whole model (a parent reading its
+weights directly) is demoted to averaging. ``merge_compositional`` merges every unit with the
+library's staged pipeline (``Merger``) on the inputs the unit received, averages the rest, and
+reports which is which; it warns, never silently.
 """
 from __future__ import annotations
 
@@ -22,11 +23,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ..ir.graph import PermutationGraph
-from ..ir.trace import as_input_tuple, eval_mode
+from ..ir.trace import call_model, eval_mode, model_call
 from .apply import load_tensors, named_tensors, permutation_op, random_permutations, transform_params
 from .calls import PREFIX, Call, record_calls, same_signature, wrap_call
 from .check import check, flat_tensors, perturb_
@@ -109,7 +109,7 @@ def plan_composition(model: nn.Module, example_inputs: Any, *, seed: int = 0, le
     ``whole_error``: why the whole model does not trace (it is then not tried again).
     ``prove``: also prove all units together on the whole model (``check_composition``) and
     demote units that break it. The model is not modified."""
-    inputs = as_input_tuple(example_inputs)
+    inputs = model_call(example_inputs, model)
     leaf_modules = tuple(leaf_modules)
     with eval_mode(model):
         calls = record_calls(model, inputs)
@@ -168,8 +168,8 @@ def permuted_copy(model: nn.Module, comp: Composition, seed: int = 0,
     return out
 
 
-def _cast(x: Any, dtype: torch.dtype) -> Any:
-    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+def _cast(call: Any, dtype: torch.dtype) -> Any:
+    return call.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def check_composition(model: nn.Module, example_inputs: Any, comp: Composition, seed: int = 0,
@@ -187,14 +187,14 @@ def check_composition(model: nn.Module, example_inputs: Any, comp: Composition, 
 
 
 def _compare(model, example_inputs, comp, seed, units, dtype, rtol) -> tuple[bool, float, str]:
-    inputs = _cast(as_input_tuple(example_inputs), dtype)
+    inputs = _cast(model_call(example_inputs, model), dtype)
     ref = copy.deepcopy(model).to(dtype)
     perturb_(ref, seed)
     permuted = permuted_copy(ref, comp, seed, units)
     name = str(dtype).replace("torch.", "")
     with torch.no_grad(), eval_mode(ref, permuted):
-        a = flat_tensors(ref(*inputs))
-        b = flat_tensors(permuted(*inputs))
+        a = flat_tensors(call_model(ref, inputs))
+        b = flat_tensors(call_model(permuted, inputs))
     err, scale = 0.0, 0.0
     for x, y in zip(a, b):
         if x.shape != y.shape:
@@ -247,7 +247,7 @@ def record_unit_inputs(model: nn.Module, comp: Composition, data: Iterable,
     skipped: dict[str, int] = {}
     with eval_mode(model):
         for batch in data:
-            for path, calls in record_calls(model, as_input_tuple(input_fn(batch)), list(units), keep="all").items():
+            for path, calls in record_calls(model, model_call(input_fn(batch), model), list(units), keep="all").items():
                 for c in calls:
                     if same_signature([units[path].call, c]) and _tensor_kinds(c) == _tensor_kinds(units[path].call):
                         out[path].append(c.tensors)
@@ -305,7 +305,7 @@ def reset_batchnorm(model: nn.Module, data: Iterable, input_fn: Callable) -> nn.
         m.train()
     with torch.no_grad():
         for batch in data:
-            model(*as_input_tuple(input_fn(batch)))
+            call_model(model, input_fn(batch))
     for m, mom in saved:
         m.momentum = mom
     return model.eval()
@@ -344,11 +344,11 @@ def merge_compositional(models: Sequence[nn.Module], data: Optional[Iterable] = 
     if data is not None:
         data = list(data) if iter(data) is data else data  # a generator: keep its batches
     if data is not None:
-        example = next((as_input_tuple(input_fn(b)) for b in data), None)
+        example = next((model_call(input_fn(b), models[0]) for b in data), None)
         if example is None:
             raise ValueError("the calibration data is empty")
     elif example_inputs is not None:
-        example = as_input_tuple(example_inputs)
+        example = model_call(example_inputs, models[0])
     else:
         raise ValueError("pass calibration data, or example_inputs= for a data-free merge (rebasin, weight_zip)")
     why = None if whole_error is None else whole_error if isinstance(whole_error, str) else _first_line(whole_error)
