@@ -83,7 +83,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mudsc_fx as mf  # noqa: E402
 from mudsc_fx import zoo  # noqa: E402
-from mudsc_fx.ir.trace import as_input_tuple, eval_mode  # noqa: E402
+from mudsc_fx.ir.inputs import as_input_tuple, eval_mode  # noqa: E402
 from mudsc_fx.merge import has_batchnorm  # noqa: E402
 from mudsc_fx.passes.apply import named_tensors  # noqa: E402
 from mudsc_fx.passes.stats import default_input_fn  # noqa: E402

@@ -5,7 +5,8 @@ Pipeline (each stage a function with a frozen result)::
     trace -> infer -> collect_stats -> solve -> rewrite -> reset_bn
 """
 from .ir.graph import Barrier, Member, PermutationGraph, Space, Tap
-from .ir.trace import TraceError, trace
+from .ir.errors import TraceError
+from .ir.trace import trace
 from .passes.apply import apply_permutations, random_permutations
 from .passes.check import CheckReport, check
 from .passes.infer import infer

@@ -155,7 +155,7 @@ def merge_back(family: str, *, n_batches: int = 3, seed: int = 0, out_dir: Optio
     ``out_dir`` the merged model is also written there (``save_pretrained``) and loaded back
     (``from_pretrained``); ``reload_error`` compares the reloaded model's outputs with it."""
     import mudsc_fx as mf
-    from .ir.trace import call_model
+    from .ir.inputs import call_model
     from .passes.check import flat_tensors
     fam = FAMILIES[family]
     a = fam.build(seed)

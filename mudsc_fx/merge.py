@@ -26,7 +26,9 @@ from torch import nn
 
 from . import distributed
 from .ir.graph import PermutationGraph
-from .ir.trace import ModelCall, TraceError, call_model, eval_mode, model_call, untouched
+from .ir.inputs import ModelCall, call_model, eval_mode, model_call
+from .ir.errors import TraceError
+from .ir.trace import untouched
 from .passes.apply import apply_permutations, named_tensors
 from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import mudsc_fx as mf  # noqa: E402
 from mudsc_fx.hf_zoo import FAMILIES, merge_back, permute_mlp  # noqa: E402
-from mudsc_fx.ir.trace import call_model  # noqa: E402
+from mudsc_fx.ir.inputs import call_model  # noqa: E402
 
 ALL = list(FAMILIES)
 

@@ -32,7 +32,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .trace import INPUTS_KEY, ModelCall, TraceError, _user_frame
+from .inputs import INPUTS_KEY, ModelCall
+from .errors import TraceError, user_frame
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def _run_export(model: nn.Module, call: ModelCall, dynamic: bool):
     except Exception as e:
         if not dynamic:
             raise TraceError(f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
-                             f"{_first_lines(e)}\n  at {_user_frame(e)}") from e
+                             f"{_first_lines(e)}\n  at {user_frame(e)}") from e
         log.info("dynamic export of %s failed (%s); exporting with the example's shapes",
                  type(model).__name__, type(e).__name__)
         return _run_export(model, call, False)

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Union
 
 import torch.fx as fx
 
-from .layout import Layout, Plain, leaf_units, spaces_of
+from .layout import Layout, leaf_units, spaces_of
 
 
 @dataclass(frozen=True)

@@ -1,75 +1,27 @@
-"""Stage 1: trace a model with torch.fx and record what every node produces.
+"""Stage 1: trace a model (torch.fx, or torch.export when fx cannot) and record what every
+node produces.
 
 :func:`trace` returns a ``GraphModule`` whose nodes carry one frozen record each under
-``node.meta[META_KEY]`` (shape propagation with the example inputs, in eval mode). Read it
-with :func:`value_of`; it raises if the model was not traced by :func:`trace`.
+``node.meta[META_KEY]`` (shape propagation with the example inputs, in eval mode); read it
+with :func:`mudsc_fx.ir.values.value_of`. Inputs are handled by :mod:`.inputs`, the records
+by :mod:`.values`, the export front end by :mod:`.export`.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from . import conventions
+from .errors import TraceError, user_frame
+from .inputs import ModelCall, eval_mode, graph_inputs, model_call
+from .values import META_KEY, abstract
 
 log = logging.getLogger(__name__)
-
-META_KEY = "mudsc_fx.value"
-
-
-class TraceError(ValueError):
-    """The model could not be traced symbolically; the message says where and what to do."""
-
-
-@dataclass(frozen=True)
-class TensorValue:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-@dataclass(frozen=True)
-class Opaque:
-    """A value that is neither a tensor, a number, nor a container of those."""
-    type_name: str
-
-
-def _abstract(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return TensorValue(tuple(v.shape), v.dtype)
-    if isinstance(v, (tuple, list)):
-        return tuple(_abstract(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _abstract(x) for k, x in v.items()}
-    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.Size, slice, type(Ellipsis))):
-        return tuple(v) if isinstance(v, torch.Size) else v
-    return Opaque(type(v).__name__)
-
-
-def value_of(node: fx.Node) -> Any:
-    """The abstract value (TensorValue, tuple, number, ...) ``node`` produced while tracing."""
-    try:
-        return node.meta[META_KEY]
-    except KeyError:
-        raise RuntimeError(f"node {node.format_node()} has no shape record: run mudsc_fx.trace first") from None
-
-
-def tensor_value(node: Any) -> TensorValue | None:
-    if isinstance(node, fx.Node):
-        v = value_of(node)
-        return v if isinstance(v, TensorValue) else None
-    return None
-
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type, ...] = (), autowrap_functions: tuple = ()):
@@ -104,32 +56,8 @@ class _ShapeRecorder(fx.Interpreter):
         except Exception as e:  # name the node: a bare torch error from deep inside is useless
             raise TraceError(f"running the traced graph failed at node {n.format_node()}: "
                              f"{type(e).__name__}: {e}") from e
-        n.meta[META_KEY] = _abstract(out)
+        n.meta[META_KEY] = abstract(out)
         return out
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module):
-    """Put models (and all submodules) in eval mode; restore each module's own flag after."""
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
-def as_input_tuple(example_inputs: Any) -> tuple:
-    """Positional inputs only (kept for callers that splat a tuple); see :func:`model_call`."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, ModelCall) and not example_inputs.kwargs:
-        return example_inputs.args
-    raise TypeError(f"example_inputs must be a tensor or a tuple of model inputs, got {type(example_inputs).__name__}")
 
 
 @contextlib.contextmanager
@@ -144,129 +72,6 @@ def untouched(model: nn.Module):
         for name in set(vars(model)) - before:
             if name.startswith("_tensor_constant"):
                 delattr(model, name)
-
-
-# ---------------------------------------------------------------------------------------
-# inputs as users have them: one place that turns a batch into the model's call arguments
-# and into the traced graph's placeholders (trace, check, stats, merge and reset_bn use it)
-# ---------------------------------------------------------------------------------------
-INPUTS_KEY = "mudsc_fx.inputs"  # gm.meta: how a call maps onto the graph's placeholders
-LABEL_KEYS = ("labels", "label")  # dropped from dict batches: targets, not model inputs
-
-
-@dataclass(frozen=True)
-class ModelCall:
-    """A batch as the model's call arguments: ``model(*args, **kwargs)``."""
-    args: tuple
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def map_tensors(self, fn: Callable[[torch.Tensor], Any]) -> "ModelCall":
-        """The same call with ``fn`` applied to every tensor (nested tuples/lists/dicts too)."""
-        return ModelCall(_map_tensors(self.args, fn), _map_tensors(dict(self.kwargs), fn))
-
-
-def _map_tensors(v: Any, fn: Callable) -> Any:
-    if isinstance(v, torch.Tensor):
-        return fn(v)
-    if isinstance(v, tuple):
-        return tuple(_map_tensors(x, fn) for x in v)
-    if isinstance(v, list):
-        return [_map_tensors(x, fn) for x in v]
-    if isinstance(v, Mapping):
-        return {k: _map_tensors(x, fn) for k, x in v.items()}
-    return v
-
-
-def model_call(example_inputs: Any, model: Optional[nn.Module] = None) -> ModelCall:
-    """Example inputs as call arguments: a tensor, a tuple/list of positional inputs, or a
-    dict (any Mapping, e.g. a tokenizer's BatchEncoding) of keyword inputs.
-
-    For a Hugging Face model that takes ``use_cache`` and is not told otherwise, the call
-    asks for no key/value cache: the cache is internal state for generation (permuted
-    consistently with the weights), not an output whose value the symmetry must keep."""
-    if isinstance(example_inputs, ModelCall):
-        call = example_inputs
-    elif isinstance(example_inputs, torch.Tensor):
-        call = ModelCall((example_inputs,))
-    elif isinstance(example_inputs, (tuple, list)):
-        call = ModelCall(tuple(example_inputs))
-    elif isinstance(example_inputs, Mapping):
-        call = ModelCall((), dict(example_inputs))
-    else:
-        raise TypeError(f"example inputs must be a tensor, a tuple/list of positional inputs or a dict of "
-                        f"keyword inputs, got {type(example_inputs).__name__}")
-    if model is not None and _is_transformers(model) and "use_cache" not in call.kwargs:
-        params = _forward_params(model)
-        if "use_cache" in params and params.index("use_cache") >= len(call.args):
-            call = ModelCall(call.args, {**call.kwargs, "use_cache": False})
-    return call
-
-
-def _is_transformers(model: nn.Module) -> bool:
-    return any(k.__module__.startswith("transformers.") for k in type(model).__mro__)
-
-
-def _forward_params(model: nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run ``model`` on example inputs or a prepared call (see :func:`model_call`)."""
-    call = model_call(inputs, model)
-    return model(*call.args, **call.kwargs)
-
-
-def default_input_fn(batch: Any) -> Any:
-    """The model inputs in a calibration batch: a tensor; the first item of a tuple/list
-    (the rest are labels); a dict of keyword inputs (``labels``/``label`` keys dropped; a
-    dict with an ``input`` key gives that value)."""
-    if isinstance(batch, (torch.Tensor, ModelCall)):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
-        return batch[0] if isinstance(batch[0], torch.Tensor) else default_input_fn(batch[0])
-    if isinstance(batch, Mapping):
-        if "input" in batch:
-            return batch["input"]
-        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}: pass input_fn=")
-
-
-def graph_inputs(gm: fx.GraphModule, inputs: Any) -> tuple:
-    """The values of ``gm``'s placeholders, in order, for the given model inputs (what a
-    GraphModule copied from ``gm``'s graph, e.g. a statistics tap module, is called with)."""
-    binder = gm.meta.get(INPUTS_KEY)
-    if binder is None:
-        binder = _SignatureInputs([n.target for n in gm.graph.nodes if n.op == "placeholder"],
-                                  inspect.signature(gm.forward))
-    return binder.flatten(model_call(inputs))
-
-
-@dataclass(frozen=True)
-class _SignatureInputs:
-    """torch.fx graphs: one placeholder per parameter of the model's forward."""
-    names: list
-    signature: inspect.Signature
-
-    def flatten(self, call: ModelCall) -> tuple:
-        if not call.kwargs:
-            return call.args
-        try:
-            bound = self.signature.bind(*call.args, **call.kwargs)
-        except TypeError as e:
-            raise TypeError(f"inputs do not match the traced forward{self.signature}: {e}") from None
-        bound.apply_defaults()
-        return tuple(bound.arguments.values())
-
-
-def _user_frame(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        if "/torch/" not in fr.filename and "mudsc_fx" not in fr.filename:
-            return f"{fr.filename}:{fr.lineno} in {fr.name}: {fr.line}"
-    return "(no user frame found)"
 
 
 FRONTENDS = ("auto", "fx", "export")
@@ -327,7 +132,7 @@ def _fx_trace(model: nn.Module, call: ModelCall, leaf_modules: tuple, concrete_a
         except Exception as e:
             raise TraceError(
                 f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-                f"  at {_user_frame(e)}\n"
+                f"  at {user_frame(e)}\n"
                 "  Fixes: make the offending submodule a leaf (trace(..., leaf_modules=[ThatClass]) — it then "
                 "becomes a barrier unless a rule exists for it), pass concrete_args for Python-level flags, or "
                 "wrap the helper function with torch.fx.wrap.") from e

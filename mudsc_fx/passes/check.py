@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ir.graph import Barrier, PermutationGraph
-from ..ir.trace import ModelCall, eval_mode, model_call
+from ..ir.inputs import ModelCall, eval_mode, model_call
 from .apply import inverse_permutations, permute_in_place, random_permutations
 from .infer import infer
 

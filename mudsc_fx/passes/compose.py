@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..ir.graph import PermutationGraph
-from ..ir.trace import call_model, eval_mode, model_call
+from ..ir.inputs import call_model, eval_mode, model_call
 from .apply import load_tensors, named_tensors, permutation_op, random_permutations, transform_params
 from .calls import PREFIX, Call, record_calls, same_signature, wrap_call
 from .check import check, flat_tensors, perturb_

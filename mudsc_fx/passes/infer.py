@@ -17,7 +17,8 @@ from torch import nn
 
 from ..ir.graph import AxisLayout, Member, PermutationGraph, Space, Structured, Tap
 from ..ir.layout import Fixed, Layout, Plain, map_spaces, spaces_of
-from ..ir.trace import TensorValue, trace, value_of
+from ..ir.values import TensorValue, value_of
+from ..ir.trace import trace
 from ..rules.context import InferContext, NotATensor, ParamUse, Parts, TensorLabel, Within, fixed_label, op_name
 from ..rules.table import lookup_rule, rule_name
 

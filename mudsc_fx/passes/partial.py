@@ -26,7 +26,8 @@ from torch import nn
 
 from ..ir.graph import PermutationGraph, Structured
 from ..ir.layout import spaces_of, transform_axis
-from ..ir.trace import TensorValue, graph_inputs, value_of
+from ..ir.values import TensorValue, value_of
+from ..ir.inputs import graph_inputs
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 from .. import distributed
 from ..ir.graph import PermutationGraph, Tap
 from ..ir.layout import Concat, Fixed, Kron, Layout, Plain, layout_size
-from ..ir.trace import default_input_fn, eval_mode, graph_inputs
+from ..ir.inputs import default_input_fn, eval_mode, graph_inputs
 from ..numerics import MomentAccumulator, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.layout import kron
-from ..ir.trace import TensorValue, value_of
+from ..ir.values import TensorValue, value_of
 from . import elementwise as E
 from . import layers as L
 from . import matmul as M

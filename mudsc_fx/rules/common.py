@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch.fx as fx
 
 from ..ir.layout import Plain
-from ..ir.trace import TensorValue, value_of
+from ..ir.values import TensorValue, value_of
 from .context import AxisLabel, InferContext, Parts, TensorLabel, Within, fixed_label
 
 

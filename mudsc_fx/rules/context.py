@@ -27,7 +27,7 @@ from torch import nn
 
 from ..ir.graph import Barrier
 from ..ir.layout import Fixed, Layout, Plain, spaces_of
-from ..ir.trace import TensorValue, value_of
+from ..ir.values import TensorValue, value_of
 from .unify import AxisLabel, Parts, SpaceTable, Within
 
 __all__ = ["AxisLabel", "Within", "Parts", "TensorLabel", "fixed_label", "ParamUse", "InferContext",

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from ..ir.trace import TensorValue
+from ..ir.values import TensorValue
 from .context import InferContext, Parts, TensorLabel, fixed_label, op_name
 from .common import (
     UNSET, arg, broadcast, fallback, fixed_of, metadata_only, norm_dims, out_value, tensor_args)

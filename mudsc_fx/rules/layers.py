@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch.fx as fx
 
 from ..ir.layout import Concat, Plain, kron
-from ..ir.trace import TensorValue, value_of
+from ..ir.values import TensorValue, value_of
 from .context import AxisLabel, InferContext, ParamUse, TensorLabel, Within, fixed_label
 from .common import arg, fallback, is_head, is_layout
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch.fx as fx
 
 from ..ir.layout import Plain
-from ..ir.trace import value_of
+from ..ir.values import value_of
 from .context import AxisLabel, InferContext, TensorLabel, Within
 from .common import arg, broadcast, fallback, out_value
 

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.layout import Concat, Fixed, Kron, Plain, concat, kron, layout_size
-from ..ir.trace import TensorValue, value_of
+from ..ir.values import TensorValue, value_of
 from .context import AxisLabel, InferContext, Parts, TensorLabel, Within, fixed_label
 from .common import arg, fallback, is_head, is_layout, metadata_only, out_value, tensor_args
 

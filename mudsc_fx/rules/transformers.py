@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..ir.trace import value_of
+from ..ir.values import value_of
 from .context import InferContext, TensorLabel
 from .elementwise import passthrough
 from .layers import _param
