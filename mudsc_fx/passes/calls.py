@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ..ir.trace import call_model
+from ..ir.inputs import call_model
 
 PREFIX = "inner."
 
