@@ -7,8 +7,8 @@ screenshots of the interactive page taken with headless Chromium.
 
 Chromium is only needed here (Debian: ``apt-get install chromium``), never by the library,
 the tests or CI. The merge example trains two tiny ViTs on disjoint halves of scikit-learn's
-digits (8 epochs, cached by the zoo like ``mudsc-fx demo``) and merges them with mudsc_zip: a
-few CPU-minutes, so on a shared machine run it under the heavy-job lock.
+digits (8 epochs, cached by the zoo like ``mudsc-fx demo``) and merges them with mudsc_zip
+(about 1.5 CPU-minutes; ``--merge-only`` makes just that).
 """
 from __future__ import annotations
 
@@ -75,12 +75,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-shots", action="store_true", help="only the pictures (no Chromium)")
     p.add_argument("--no-merge", action="store_true", help="skip the merge example (it trains two models)")
+    p.add_argument("--merge-only", action="store_true", help="only the merge example")
     args = p.parse_args()
     IMG.mkdir(parents=True, exist_ok=True)
-    r18 = graph("resnet18", (1, 3, 64, 64))
-    vit = graph("vit_b_16", (1, 3, 224, 224))
-    swin = graph("swin_b", (1, 3, 224, 224))
-    for name, pg in (("resnet18", r18), ("vit_b_16", vit), ("swin_b", swin)):
+    graphs = {} if args.merge_only else {"resnet18": graph("resnet18", (1, 3, 64, 64)),
+                                         "vit_b_16": graph("vit_b_16", (1, 3, 224, 224)),
+                                         "swin_b": graph("swin_b", (1, 3, 224, 224))}
+    for name, pg in graphs.items():
         out = views.render(pg, IMG / f"inspect_{name}.png", title=f"torchvision {name}")
         print(f"wrote {out.relative_to(ROOT)}")
     res = None if args.no_merge else merged_vits()
@@ -91,11 +92,12 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        views.write_html(r18, tmp / "resnet18.html", title="torchvision resnet18")
-        shoot(tmp / "resnet18.html", IMG / "inspect_page_resnet18.png", "#S4")
-        views.write_html(vit, tmp / "vit_b_16.html", title="torchvision vit_b_16")
-        shoot(tmp / "vit_b_16.html", IMG / "inspect_page_vit_b_16.png",
-              "#param=encoder.layers.encoder_layer_3.self_attention.in_proj_weight&view=full")
+        if graphs:
+            views.write_html(graphs["resnet18"], tmp / "resnet18.html", title="torchvision resnet18")
+            shoot(tmp / "resnet18.html", IMG / "inspect_page_resnet18.png", "#S4")
+            views.write_html(graphs["vit_b_16"], tmp / "vit_b_16.html", title="torchvision vit_b_16")
+            shoot(tmp / "vit_b_16.html", IMG / "inspect_page_vit_b_16.png",
+                  "#param=encoder.layers.encoder_layer_3.self_attention.in_proj_weight&view=full")
         if res is not None:
             views.write_html(res, tmp / "merge.html", title="two tiny ViTs merged with mudsc_zip")
             shoot(tmp / "merge.html", IMG / "inspect_page_merge.png", "#S4&colour=quality")

@@ -134,7 +134,7 @@ def _measure(ol: Outline, it: Item, matches: Optional[Mapping[int, SpaceMatch]])
         if sp.blocks:
             rows.append(_Cells(sp.blocks[0], pg.is_free(s)))
         rows += _status_rows(space_status(pg, s).why)
-        if matches is not None and s in matches:
+        if matches is not None and s in matches and matches[s].method != "fixed":
             rows.append(_Text(clip(matches[s].short(), (MAXC + 4) * 0.61 * SMALL, SMALL), SMALL, C["muted"]))
         free = pg.is_free(s)
         fill, stroke = (C["free_fill"], C["free_edge"]) if free else (C["fixed_fill"], C["fixed_edge"])
@@ -188,7 +188,7 @@ def _band_text(ol: Outline, band: Item, matches) -> str:
         text += f" \u00b7 {sp.blocks[0]}\u00d7{sp.blocks[1]} groups"
     if not pg.is_free(s):
         text += " \u00b7 " + space_status(pg, s).why
-    if matches is not None and s in matches:
+    if matches is not None and s in matches and matches[s].method != "fixed":
         text += " \u00b7 " + matches[s].short()
     return text
 

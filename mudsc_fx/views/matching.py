@@ -33,7 +33,7 @@ class SpaceMatch:
             parts.append(f"sim {self.similarity:.2f}")
         if self.method == "zip":
             parts.append(f"{self.within} within")
-        return " . ".join(parts)
+        return " \u00b7 ".join(parts)
 
 
 def _labels(U: np.ndarray) -> Optional[np.ndarray]:
