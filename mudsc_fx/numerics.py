@@ -190,6 +190,22 @@ class MomentAccumulator:
 
     # ------------------------------------------------------------------ combining
 
+    def add_moments(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Join another stream given by its moments (``m2``: its full symmetric float64 M2,
+        e.g. derived through a linear map), with the pairwise update."""
+        if count <= 0:
+            return
+        mean = mean.to(self.mean)
+        n_a = self.count
+        d = mean - self.mean
+        w = n_a * count / (n_a + count)
+        for (a, b), blk in zip(self.bounds, self.blocks):
+            blk.add_(m2[a:b, :b].to(blk))
+            if n_a:
+                blk.addr_(d[a:b], d[:b], alpha=w)
+        self.mean += d * (count / (n_a + count)) if n_a else d
+        self.count = n_a + count
+
     def recenter_(self, mean: torch.Tensor) -> None:
         """Express M2 around ``mean`` instead of this stream's own mean
         (``M2 += count (mu - mean)(mu - mean)^T``): the sum of the recentred M2 of several
@@ -206,6 +222,14 @@ class MomentAccumulator:
         """The diagonal of M2 (float64)."""
         return torch.cat([blk[:, a:b].diagonal() for (a, b), blk in zip(self.bounds, self.blocks)]) \
             if self.m else torch.zeros(0, dtype=torch.float64)
+
+    def full_m2(self) -> torch.Tensor:
+        """M2 as a full symmetric float64 [m, m] tensor (a copy)."""
+        out = torch.empty(self.m, self.m, dtype=torch.float64, device=self.flat.device)
+        for (a, b), blk in zip(self.bounds, self.blocks):
+            out[a:b, :b] = blk
+            out[:a, a:b] = blk[:, :a].T
+        return out
 
     def finite(self) -> bool:
         return bool(torch.isfinite(self.mean).all() and torch.isfinite(self.diagonal()).all())

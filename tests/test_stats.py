@@ -149,3 +149,55 @@ def test_accumulator_memory_is_the_lower_triangle_by_blocks():
         B = numerics.block_rows(m)
         assert acc.flat.numel() * 8 + acc.mean.numel() * 8 == numerics.accumulator_bytes(m)
         assert numerics.accumulator_bytes(m) <= 8 * (m * (m + B) / 2 + m)
+
+
+@pytest.mark.parametrize("name", ["vit_mha", "resnet_bn"])
+def test_collect_stats_matches_features_read_directly(name):
+    """Every space, every tap (packed q/k/v projections of nn.MultiheadAttention are derived
+    from the moments of the attention's input): np.corrcoef of the features computed in
+    float64 from the tapped values, all taps of a space stacked."""
+    import warnings
+
+    import mudsc_fx as mf
+    from mudsc_fx.passes.stats import tap_features, tap_module, taps_by_space
+    from topologies import by_name
+    t = by_name(name)
+    torch.manual_seed(0)
+    models = [t.build().eval(), t.build(seed=7).eval()]
+    g = torch.Generator().manual_seed(0)
+    x = t.example()
+    x = x[0] if isinstance(x, tuple) else x
+    data = [torch.randn((24,) + tuple(x.shape[1:]), generator=g) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pg = mf.infer(models[0], (data[0],))
+    stats = mf.collect_stats(models, pg, data)
+    taps = taps_by_space(pg)
+    assert stats.corr.keys() == taps.keys()
+    if name == "vit_mha":
+        assert any(tp.proj is not None for ts in taps.values() for tp in ts)
+    nodes = sorted({tp.node for ts in taps.values() for tp in ts})
+    values = []  # per model: {node: [batch values]}
+    for m in models:
+        runner = tap_module(pg.gm, m, nodes)
+        params = dict(list(m.named_parameters()) + list(m.named_buffers()))
+        params = {k: v.detach().double() for k, v in params.items()}
+        out = {n: [] for n in nodes}
+        with torch.no_grad():
+            for xb in data:
+                got = runner(xb)
+                for n, v in zip([nd.name for nd in pg.gm.graph.nodes if nd.name in set(nodes)], got):
+                    out[n].append(v.double())
+        values.append((out, params))
+    for s, ts in taps.items():
+        rows = []
+        for tp in ts:
+            for b in range(len(data)):
+                per_model = [dict(tap_features(out[tp.node][b], tp, params, pg.size)) for out, params in values]
+                if s in per_model[0]:
+                    rows.append(torch.cat([pm[s] for pm in per_model], dim=1))
+        with np.errstate(invalid="ignore", divide="ignore"):  # dead units: NaN rows, left out below
+            ref = np.corrcoef(torch.cat(rows).numpy().T)
+        dead = stats.dead[s]
+        np.testing.assert_allclose(stats.corr[s][np.ix_(~dead, ~dead)], ref[np.ix_(~dead, ~dead)], atol=1e-6,
+                                   err_msg=f"space S{s}")

@@ -219,6 +219,46 @@ def lockstep_tap_module(gm: fx.GraphModule, models: Sequence[nn.Module], node_na
     return fx.GraphModule(root, graph)
 
 
+def _sources(taps: Sequence[Tap], params: list[dict], N: int, device, scratch) -> dict[tuple, MomentAccumulator]:
+    """Accumulators of the tapped values (per node and axis) that packed projections read:
+    the moments of ``x W^T + b`` follow from those of ``x`` (mean ``W mu + b``, M2
+    ``W M2 W^T``), so q, k and v of a leaf attention cost one product of ``x`` instead of a
+    projection and a product each; plain taps of the same value share it."""
+    out: dict[tuple, MomentAccumulator] = {}
+    for t in taps:
+        if t.proj is not None and isinstance(t.layout, Plain) and (t.node, t.axis) not in out:
+            out[(t.node, t.axis)] = MomentAccumulator(N * params[0][t.proj[0]].shape[1], device, scratch)
+    return out
+
+
+def _derive_from_sources(sources: dict, taps: Sequence[Tap], params: list[dict], acc: dict) -> None:
+    """Join the moments of every tap served by a source into its space's accumulator."""
+    for t in taps:
+        src = sources.get((t.node, t.axis)) if isinstance(t.layout, Plain) else None
+        if src is None or src.count == 0 or t.layout.space not in acc:
+            continue
+        m2 = src.full_m2()
+        if t.proj is None:
+            acc[t.layout.space].add_moments(src.count, src.mean, m2)
+            continue
+        wname, bname, start, stop, bstart = t.proj
+        W = [p[wname][start:stop].detach().to(m2) for p in params]
+        d = W[0].shape[1]
+        mean = torch.cat([
+            W[i] @ src.mean[i * d:(i + 1) * d]
+            + (0.0 if bname is None else params[i][bname][bstart:bstart + stop - start].detach().to(m2))
+            for i in range(len(W))])
+        k = stop - start
+        out = torch.empty(len(W) * k, len(W) * k, dtype=m2.dtype, device=m2.device)
+        for i in range(len(W)):
+            for j in range(i + 1):
+                blk = W[i] @ m2[i * d:(i + 1) * d, j * d:(j + 1) * d] @ W[j].T
+                out[i * k:(i + 1) * k, j * k:(j + 1) * k] = blk
+                out[j * k:(j + 1) * k, i * k:(i + 1) * k] = blk.T
+        del m2
+        acc[t.layout.space].add_moments(src.count, mean, out)
+
+
 def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
     N = len(models)
     wanted = set(chunk)
@@ -231,9 +271,17 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
     device = next((t.device for t in params[0].values()), torch.device("cpu"))
     scratch = Scratch()
     acc = {s: MomentAccumulator(N * pg.size(s), device, scratch) for s in chunk}
+    sources = _sources(chunk_taps, params, N, device, scratch)
 
     def on_tap(name: str, *values: torch.Tensor) -> None:
+        added = set()
         for t in at_node[name]:
+            src = sources.get((t.node, t.axis)) if isinstance(t.layout, Plain) else None
+            if src is not None:  # moments of the tapped value itself; taps derived after the pass
+                if t.axis not in added:
+                    src.add([v.movedim(t.axis, -1) for v in values])
+                    added.add(t.axis)
+                continue
             per_model = [_tap_blocks(values[i], t, params[i], pg.size) for i in range(N)]
             for k in range(len(per_model[0])):
                 s = per_model[0][k][0]
@@ -251,6 +299,7 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
             n_batches += 1
             runner(*graph_inputs(pg.gm, input_fn(batch)))
     del scratch, runner
+    _derive_from_sources(sources, chunk_taps, params, acc)
     n_batches = distributed.all_reduce_moments(acc, n_batches, sharding)
     if n_batches == 0:
         raise ValueError("the calibration data is empty")
