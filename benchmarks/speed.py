@@ -26,11 +26,17 @@ the whole merge, against the RSS before trace: models and data already loaded).
 Threads: torch, OpenMP and the BLAS libraries are limited to ``--threads`` (default 1: on a
 shared 2-core machine two threads thrash as soon as another process is busy).
 
-    python benchmarks/speed.py              # full: four cases x 3 methods, 3 repeats, solver scaling
+Also reported: statistics / floor per case with the work the statistics add (FLOPs torch counts
+on the first batch), and the distributed statistics rows (benchmarks/speed_dist.py: 1 rank vs
+2 gloo ranks on ResNet-20 x4, and whether the merged models agree). Tables and targets are
+in benchmarks/speed_report.py.
+
+    python benchmarks/speed.py              # full: four cases x 3 methods, 3 repeats, distributed rows, scaling
     python benchmarks/speed.py --quick      # small data, 1 repeat, under 2 minutes
     python benchmarks/speed.py --cases resnet20x4 --methods zipit --repeats 5
     python benchmarks/speed.py --tree /tmp/old  # time another checkout's mudsc_fx (before/after)
     python benchmarks/speed.py --combine a.json b.json   # merge runs made in parallel processes
+    python benchmarks/speed.py --distributed-only --update  # redo only the distributed rows
 """
 from __future__ import annotations
 
@@ -39,7 +45,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,11 +53,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import speed_dist  # noqa: E402  (the distributed rows)
+from speed_report import METHODS, SEEDS, markdown, summarise, targets  # noqa: E402  (tables, targets)
 RESULTS = HERE / "results"
-METHODS = ("zipit", "act_align", "mudsc_zip")
-TARGET_RATIO = 2.0          # total merge time / floor for ResNet-20 x4
-TARGET_ZIP_4096_S = 5.0     # zip fast at n = 4096
-TARGET_ZIP_SPEEDUP = 20.0   # reference / fast at n = 2048
 
 # name -> how to build the models and the calibration data; quick: smaller data, fewer methods
 CASES = {
@@ -66,7 +70,6 @@ CASES = {
     "vit_b_16": dict(source="torchvision", arch="vit_b_16", images=256, batch=32, quick_images=None,
                      title="torchvision vit_b_16 (224x224)"),
 }
-SEEDS = (1, 2)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -160,6 +163,20 @@ def _floor(models, data) -> float:
     return time.perf_counter() - t
 
 
+def _work(models, pg, data) -> dict:
+    """FLOPs torch counts (GEMMs, convolutions; not every attention kernel) for the bare
+    forward passes and for the statistics pass over the same batch: how much work the
+    statistics add, whatever the speed of either."""
+    import mudsc_fx as mf
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        _floor(models, data)
+    forward = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        mf.collect_stats(models, pg, data)
+    return {"forward_gflop": forward / 1e9, "statistics_gflop": fc.get_total_flops() / 1e9}
+
+
 def _method_child(conn_w, models, pg, stats, data, method: str):
     """Runs in a forked child: solve, rewrite, reset_bn of one method; writes JSON to conn_w."""
     import mudsc_fx as mf
@@ -228,6 +245,8 @@ def worker(spec: dict) -> dict:
         pg = mf.infer(models[0], (data[0],), gm=gm)
     with Stage(rec, "statistics"):
         stats = mf.collect_stats(models, pg, data)
+    if spec["repeat"] == 0:
+        out["work"] = _work(models, pg, data[:1])
     out["free_spaces"] = len(pg.free_spaces)
     out["max_space"] = max((pg.size(s) for s in pg.free_spaces), default=0)
     shared_hwm = max(rec[k] for k in ("trace_hwm_mb", "infer_hwm_mb", "statistics_hwm_mb"))
@@ -281,119 +300,6 @@ def _spawn(spec: dict, tree, timeout) -> dict:
     return json.loads(text)
 
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-STAGES = ("trace", "infer", "statistics", "solve", "rewrite", "reset_bn")
-
-
-def summarise(runs: list[dict], methods) -> dict:
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return {"error": runs[0].get("error") if runs else "no runs"}
-    summary = {"repeats": len(ok), "images": ok[0]["images"], "batch": ok[0]["batch"],
-               "free_spaces": ok[0]["free_spaces"], "max_space": ok[0]["max_space"],
-               "floor_s": _median([statistics.mean(r["floor_s"]) for r in ok]),
-               "floor_drift": _median([r["floor_s"][1] / r["floor_s"][0] for r in ok]),
-               "methods": {}}
-    for m in methods:
-        rows = [r for r in ok if m in r["methods"] and "error" not in r["methods"][m]]
-        if not rows:
-            errs = [r["methods"].get(m, {}).get("error") for r in ok]
-            summary["methods"][m] = {"error": next((e for e in errs if e), "not run")}
-            continue
-        per = {}
-        for st in STAGES:
-            src = [(r["methods"][m] if st in ("solve", "rewrite", "reset_bn") else r) for r in rows]
-            per[st + "_s"] = _median([x[st + "_s"] for x in src])
-            per[st + "_peak_mb"] = _median([x.get(st + "_peak_mb") for x in src])
-        totals = [sum((r["methods"][m] if st in ("solve", "rewrite", "reset_bn") else r)[st + "_s"] for st in STAGES)
-                  for r in rows]
-        ratios = [t / statistics.mean(r["floor_s"]) for t, r in zip(totals, rows)]
-        per["total_s"] = _median(totals)
-        per["ratio_to_floor"] = _median(ratios)
-        per["ratios"] = ratios
-        per["ratio_without_reset_bn"] = _median([
-            (t - r["methods"][m]["reset_bn_s"]) / statistics.mean(r["floor_s"]) for t, r in zip(totals, rows)])
-        per["statistics_over_floor"] = _median([r["statistics_s"] / statistics.mean(r["floor_s"]) for r in rows])
-        per["merge_peak_mb"] = _median([r["methods"][m]["merge_peak_mb"] for r in rows])
-        per["sweeps"] = _median([r["methods"][m]["sweeps"] for r in rows])
-        summary["methods"][m] = per
-    return summary
-
-
-def _f(x, fmt="{:.2f}"):
-    return "-" if x is None else fmt.format(x)
-
-
-def markdown(result: dict) -> str:
-    lines = [f"# Speed and memory ({'quick' if result['quick'] else 'full'} run)", "",
-             f"N = {len(SEEDS)} models (seeds {SEEDS}), random initialisation (timing does not depend on "
-             f"training). Threads: {result['threads']}. Seconds are medians over the repeats; "
-             "ratio = total merge time / floor, median over repeats; floor = bare forward passes of "
-             "the N models over the same calibration data (mean of one run before and one after the merge).",
-             "Peak MB: RSS high-water minus RSS at the start (whole merge: models and data already "
-             "loaded). trace, infer and statistics are shared by the methods.", ""]
-    head = ("| case | method | images | floor | trace | infer | statistics | solve | rewrite | reset_bn | "
-            "total | ratio | peak MB (stats / solve / merge) | sweeps |")
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, s in result["cases"].items():
-        if "error" in s:
-            lines.append(f"| {name} | error: {s['error'][:200]} |" + " |" * 12)
-            continue
-        for m, p in s["methods"].items():
-            if "error" in p:
-                lines.append(f"| {name} | {m} | error: {p['error'][:200]} |" + " |" * 11)
-                continue
-            lines.append(
-                f"| {name} ({s['repeats']} run{'s' if s['repeats'] > 1 else ''}) | {m} | {s['images']} | {_f(s['floor_s'])} | {_f(p['trace_s'])} | {_f(p['infer_s'])} | "
-                f"{_f(p['statistics_s'])} | {_f(p['solve_s'])} | {_f(p['rewrite_s'])} | {_f(p['reset_bn_s'])} | "
-                f"{_f(p['total_s'])} | **{_f(p['ratio_to_floor'])}** | {_f(p['statistics_peak_mb'], '{:.0f}')} / "
-                f"{_f(p['solve_peak_mb'], '{:.0f}')} / {_f(p['merge_peak_mb'], '{:.0f}')} | {_f(p['sweeps'], '{:.0f}')} |")
-    sc = result.get("solver_scaling")
-    if sc and "rows" in sc:
-        lines += ["", f"## Solver scaling (N = {sc['n_models']}, seconds, median of {sc['repeats']})", "",
-                  "| n | align | zip fast | zip reference | reference / fast | zip rank-1 | group_align |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sc["rows"]:
-            ratio = r["ratio_reference_over_fast"]
-            lines.append(f"| {r['n']} | {_f(r['align_s'], '{:.3f}')} | {_f(r['zip_fast_s'], '{:.3f}')} | "
-                         f"{_f(r['zip_reference_s'], '{:.3f}')} | {_f(ratio, '{:.1f}x')} | "
-                         f"{_f(r['zip_fast_rank1_s'], '{:.3f}')} | {_f(r['group_align_s'], '{:.3f}')} |")
-    elif sc:
-        lines += ["", f"Solver scaling: {sc.get('error')}"]
-    lines += ["", "## Targets", ""]
-    for t in result["targets"]:
-        lines.append(f"- {'PASS' if t['ok'] else ('FAIL' if t['ok'] is False else 'n/a')}: {t['what']} "
-                     f"(measured {t['measured']})")
-    if result.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def targets(result: dict) -> list[dict]:
-    out = []
-    rn = result["cases"].get("resnet20x4", {})
-    quick = result.get("case_meta", {}).get("resnet20x4", {}).get("quick", result["quick"])
-    for m in METHODS:
-        p = rn.get("methods", {}).get(m)
-        r = None if not p or "error" in p else p["ratio_to_floor"]
-        what = f"ResNet-20 x4, {m}: merge time / floor <= {TARGET_RATIO}"
-        if quick:  # one batch: the trace's forward of the first batch alone is a quarter of the floor
-            what += " (quick run: not assessed, the data is too small)"
-        out.append({"what": what, "measured": _f(r), "ok": None if r is None or quick else r <= TARGET_RATIO})
-    rows = {r["n"]: r for r in result.get("solver_scaling", {}).get("rows", [])}
-    z = rows.get(4096, {}).get("zip_fast_s")
-    out.append({"what": f"zip at n = 4096 < {TARGET_ZIP_4096_S} s", "measured": _f(z, "{:.2f} s"),
-                "ok": None if z is None else z < TARGET_ZIP_4096_S})
-    q = rows.get(2048, {}).get("ratio_reference_over_fast")
-    out.append({"what": f"zip fast >= {TARGET_ZIP_SPEEDUP:.0f}x the reference at n = 2048",
-                "measured": _f(q, "{:.1f}x"), "ok": None if q is None else q >= TARGET_ZIP_SPEEDUP})
-    return out
-
-
 def _git_commit(tree) -> str:
     """Commit of the timed code (with "+dirty" when its mudsc_fx has local changes)."""
     where = Path(tree) if tree else ROOT
@@ -416,7 +322,7 @@ def combine(paths: list[Path], prefix: Path) -> None:
     for key in ("cases", "runs", "case_specs", "case_meta"):
         merged = {k: v for part in parts for k, v in part.get(key, {}).items()}
         result[key] = dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-    for key in ("solver_scaling", "machine"):
+    for key in ("solver_scaling", "machine", "distributed"):
         found = [part[key] for part in parts if key in part]
         if found:
             result[key] = found[-1]
@@ -439,6 +345,12 @@ def main(argv=None):
     ap.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-scaling", action="store_true", help="skip the solver scaling table")
+    ap.add_argument("--no-distributed", action="store_true", help="skip the distributed statistics rows")
+    ap.add_argument("--distributed-only", action="store_true",
+                    help="only the distributed statistics rows (keeps the other results with --update)")
+    ap.add_argument("--dist-world", type=int, default=2, help="ranks of the distributed rows (default 2)")
+    ap.add_argument("--dist-case", default=speed_dist.DEFAULT_CASE, help="case of the distributed rows")
+    ap.add_argument("--dist-images", type=int, default=None, help="images of the distributed rows (default: the case's)")
     ap.add_argument("--tree", type=Path, default=None,
                     help="directory holding another mudsc_fx package to time (e.g. an older checkout)")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per worker")
@@ -457,7 +369,10 @@ def main(argv=None):
 
     if args.worker:
         spec = json.loads(args.worker)
-        res = scaling_worker(spec) if spec["kind"] == "scaling" else worker(spec)
+        if spec["kind"] == "dist":
+            res = speed_dist.worker(spec)
+        else:
+            res = scaling_worker(spec) if spec["kind"] == "scaling" else worker(spec)
         Path(args.worker_out).write_text(json.dumps(res))
         return
 
@@ -466,7 +381,9 @@ def main(argv=None):
         return
     repeats = args.repeats or (1 if args.quick else 3)
     methods = [m for m in args.methods.split(",") if m]
-    if args.cases:
+    if args.distributed_only:
+        names = []
+    elif args.cases:
         names = args.cases.split(",")
     else:
         names = [n for n, c in CASES.items() if not args.quick or c["quick_images"]]
@@ -474,6 +391,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     prefix = args.out or (Path(tempfile.gettempdir()) / "mudsc_fx_speed_quick" if args.quick else RESULTS / "speed")
+    run_dist = args.distributed_only or (not args.no_distributed and (not args.cases or args.dist_case in names))
     started = time.time()
     result = {"benchmark": "speed", "quick": args.quick, "repeats": repeats, "threads": args.threads,
               "methods": methods, "n_models": len(SEEDS), "seeds": SEEDS,
@@ -490,8 +408,10 @@ def main(argv=None):
         for key in ("cases", "runs", "case_specs", "case_meta"):
             result.setdefault(key, {})
             result[key] = {**{k: v for k, v in old.get(key, {}).items() if k not in names}, **result[key]}
-        if args.no_scaling and "solver_scaling" in old:
+        if (args.no_scaling or args.distributed_only) and "solver_scaling" in old:
             result["solver_scaling"] = old["solver_scaling"]
+        if (args.no_distributed or not run_dist) and "distributed" in old:
+            result["distributed"] = old["distributed"]
     result.setdefault("case_meta", {})
     commit = _git_commit(args.tree)
 
@@ -525,7 +445,12 @@ def main(argv=None):
                                      "load_average_start": load0, "load_average_end": os.getloadavg(),
                                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         save()
-    if not args.no_scaling:
+    if run_dist:
+        result["distributed"] = speed_dist.run(
+            lambda spec, timeout: _spawn(spec, args.tree, timeout), args.dist_case, args.dist_world, repeats,
+            args.threads, args.quick, args.dist_images, args.timeout)
+        save()
+    if not args.no_scaling and not args.distributed_only:
         spec = {"kind": "scaling", "quick": args.quick, "repeats": 1 if args.quick else (args.repeats or 3),
                 "threads": args.threads}
         result["solver_scaling"] = _spawn(spec, args.tree, args.timeout)
