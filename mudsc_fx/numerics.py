@@ -154,7 +154,7 @@ class MomentAccumulator:
             if self.count:
                 centre = self.mean.to(dtype)
             else:
-                centre = torch.cat([c.reshape(-1, n)[:64].double().mean(0) for c, n in zip(chunk, widths)]).to(dtype)
+                centre = torch.cat([c[:1].reshape(-1, n)[:64].double().mean(0) for c, n in zip(chunk, widths)]).to(dtype)
             # one spare row at the end: the between-chunk term of the pairwise update
             buf = self.scratch.get("rows", (rows + 1, self.m), dtype, self.flat.device)
             col = 0
