@@ -35,7 +35,7 @@ from .passes.infer import infer
 from .passes.partial import Cut, build_partial, cost_report, find_cut, trunk_params
 from .passes.rewrite import rewrite
 from .passes.solve import Alignment, MatchConfig, solve
-from .passes.stats import Statistics, collect_stats, default_input_fn
+from .passes.stats import STATS_BUDGET_BYTES, Statistics, collect_stats, default_input_fn
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class Merger:
     def __init__(self, models: Sequence[nn.Module], data: Optional[Iterable] = None, *,
                  example_inputs: Any = None, input_fn: Optional[Callable[[Any], Any]] = None,
                  leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (), verify: bool = True,
-                 stats_budget_bytes: int = 2 << 30, progress: bool = False, frontend: str = "auto"):
+                 stats_budget_bytes: int = STATS_BUDGET_BYTES, progress: bool = False, frontend: str = "auto"):
         t = time.perf_counter()
         self.leaf_modules = _check_leaf_modules(leaf_modules)
         self.fixed_params = _check_fixed_params(fixed_params)

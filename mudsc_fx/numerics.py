@@ -238,20 +238,46 @@ class MomentAccumulator:
         var = self.diagonal() / max(self.count, 1)
         return dead_units(var, self.mean, self.dtype or torch.float32)
 
-    def correlation(self, out_dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
-        """(Pearson correlation [m, m] as a numpy array of ``out_dtype``, dead-unit mask).
-        Rows and columns of dead units are 0 (diagonal too); the rest lies in [-1, 1] with
-        an exact 1 on the diagonal. Built block by block: no float64 m x m temporary."""
+    def correlation_packed(self, out_dtype: torch.dtype = torch.float32) -> tuple["PackedSymmetric", np.ndarray]:
+        """(Pearson correlation as a :class:`PackedSymmetric` of ``out_dtype``, dead-unit
+        mask). Rows and columns of dead units are 0 (diagonal too); the rest lies in [-1, 1]
+        with an exact 1 on the diagonal. Built block by block: no m x m temporary."""
         dead = self.dead()
-        inv = torch.where(dead, torch.zeros_like(self.mean), self.diagonal().clamp_min(1e-300).rsqrt())
-        out = torch.empty(self.m, self.m, dtype=out_dtype)
-        inv_cpu = inv.cpu()
+        inv = torch.where(dead, torch.zeros_like(self.mean), self.diagonal().clamp_min(1e-300).rsqrt()).cpu()
+        alive = (~dead).to(out_dtype).cpu()
+        blocks = []
         for (a, b), blk in zip(self.bounds, self.blocks):
-            c = (blk.cpu() * inv_cpu[a:b, None] * inv_cpu[None, :b]).clamp_(-1.0, 1.0)
-            out[a:b, :b] = c
-            out[:a, a:b] = c[:, :a].T
-        out.diagonal().copy_((~dead).to(out_dtype))
-        return out.numpy(), dead.cpu().numpy()
+            c = (blk.cpu() * inv[a:b, None] * inv[None, :b]).clamp_(-1.0, 1.0).to(out_dtype)
+            c[:, a:b].diagonal().copy_(alive[a:b])
+            blocks.append(c.numpy())
+        return PackedSymmetric(self.m, tuple(self.bounds), tuple(blocks)), dead.cpu().numpy()
+
+    def correlation(self, out_dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(Pearson correlation [m, m] as a numpy array of ``out_dtype``, dead-unit mask): the
+        square of :meth:`correlation_packed`."""
+        packed, dead = self.correlation_packed(out_dtype)
+        return packed.square(), dead
+
+
+class PackedSymmetric:
+    """A symmetric [m, m] matrix kept as its lower triangle by blocks of rows (about half the
+    memory of the square): ``blocks[k]`` holds rows ``[a, b)``, columns ``[0, b)`` of
+    ``bounds[k] = (a, b)``."""
+
+    def __init__(self, m: int, bounds: tuple, blocks: tuple):
+        self.m, self.bounds, self.blocks = m, bounds, blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+    def square(self) -> np.ndarray:
+        dtype = self.blocks[0].dtype if self.blocks else np.float32
+        out = np.empty((self.m, self.m), dtype=dtype)
+        for (a, b), blk in zip(self.bounds, self.blocks):
+            out[a:b, :b] = blk
+            out[:a, a:b] = blk[:, :a].T
+        return out
 
 
 # ---------------------------------------------------------------------- rows of a matrix

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,18 +23,52 @@ from .. import distributed
 from ..ir.graph import PermutationGraph, Tap
 from ..ir.layout import Concat, Fixed, Kron, Layout, Plain, layout_size
 from ..ir.inputs import default_input_fn, eval_mode, graph_inputs
-from ..numerics import MomentAccumulator, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401 (re-export)
+from ..numerics import MomentAccumulator, PackedSymmetric, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+#: float64 accumulator memory of one pass over the data (vit_b_16: 2.3 GB, one pass); spaces
+#: beyond it are collected in further passes
+STATS_BUDGET_BYTES = 3 << 30
+
+
+class Correlations(Mapping):
+    """Space -> (N n, N n) float32 correlation, read-only. Kept as lower triangles (half the
+    memory of the squares: vit_b_16's 12 MLP spaces of 6144^2 take 1.1 GB, not 2.2); reading
+    a space builds its square, and the last one read is kept for the next read."""
+
+    def __init__(self, packed: dict[int, PackedSymmetric]):
+        self._packed = packed
+        self._last: tuple = (None, None)
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        if self._last[0] != s:
+            square = self._packed[s].square()  # KeyError for a space without statistics
+            square.flags.writeable = False     # one array serves every reader: copy to modify
+            self._last = (s, square)
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._packed.values())
+
+    def __getstate__(self) -> dict:
+        return {"_packed": self._packed, "_last": (None, None)}
 
 
 @dataclass(frozen=True)
 class Statistics:
     """``corr[s]``: (N n, N n) float32 correlation of space s (model i's units are rows
-    i*n:(i+1)*n); ``samples[s]``: how many feature vectors went in (all ranks); ``dead[s]``:
-    units with (near) zero variance (:func:`mudsc_fx.numerics.dead_units`), whose rows and
-    columns are 0."""
-    corr: dict[int, np.ndarray]
+    i*n:(i+1)*n; read-only arrays, see :class:`Correlations`); ``samples[s]``: how many
+    feature vectors went in (all ranks); ``dead[s]``: units with (near) zero variance
+    (:func:`mudsc_fx.numerics.dead_units`), whose rows and columns are 0."""
+    corr: Mapping[int, np.ndarray]
     samples: dict[int, int]
     dead: dict[int, np.ndarray]
     n_models: int
@@ -105,7 +139,7 @@ def tap_module(gm: fx.GraphModule, root: nn.Module, node_names: Sequence[str]) -
 
 
 def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Iterable, *,
-                  input_fn: Optional[Callable[[Any], tuple]] = None, budget_bytes: int = 2 << 30,
+                  input_fn: Optional[Callable[[Any], tuple]] = None, budget_bytes: int = STATS_BUDGET_BYTES,
                   spaces: Optional[Iterable[int]] = None, progress: bool = False,
                   sharding: distributed.ShardingArg = distributed.AUTO) -> Statistics:
     """One streaming pass over ``data`` per chunk of spaces (one pass when the float64
@@ -141,7 +175,7 @@ def collect_stats(models: Sequence[nn.Module], pg: PermutationGraph, data: Itera
         corr.update(c)
         samples.update(n_s)
         dead.update(d)
-    return Statistics(corr, samples, dead, N)
+    return Statistics(Correlations(corr), samples, dead, N)
 
 
 def _tap_blocks(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
@@ -309,7 +343,7 @@ def _collect_chunk(models, pg, data, input_fn, chunk, taps, progress, sharding):
             nodes = sorted({t.node for t in taps[s]})
             raise ValueError(f"non-finite activations at {', '.join(nodes)} (space S{s}): check the models' "
                              "weights and the calibration data")
-        corr[s], dead[s] = acc[s].correlation()
+        corr[s], dead[s] = acc[s].correlation_packed()
         count[s] = acc[s].count
         acc[s] = None
     return corr, count, dead
