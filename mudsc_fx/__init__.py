@@ -17,8 +17,9 @@ from .merge import PRESETS, Merger, MergeResult, align_models, merge, method_con
 from .rules import register_rule
 from . import rules
 from .taskvec import EMRModel, emr_merge, task_arithmetic, ties_merge
+from . import views  # pictures and pages of a graph or a merge (matplotlib only when drawing)
 
 __all__ = ["trace", "infer", "check", "collect_stats", "solve", "rewrite", "reset_bn", "merge", "align_models",
            "method_config", "apply_permutations", "random_permutations", "emr_merge", "task_arithmetic",
            "ties_merge", "EMRModel", "PermutationGraph", "Space", "Member", "Tap", "Barrier", "CheckReport",
-           "TraceError", "Statistics", "Alignment", "MatchConfig", "MergeResult", "Merger", "PRESETS", "register_rule", "rules"]
+           "TraceError", "Statistics", "Alignment", "MatchConfig", "MergeResult", "Merger", "PRESETS", "register_rule", "rules", "views"]

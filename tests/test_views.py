@@ -228,6 +228,10 @@ def test_text_json_and_page_agree_on_every_parameter():
     assert all(re.search(rf"^\s+S{s}\s.*fixed", summary, re.M) for s in fixed)
 
 
+def test_views_are_part_of_the_package_api():
+    assert mf.views is views and callable(mf.views.write_html) and callable(mf.views.render)
+
+
 def test_explain_names_close_matches_for_an_unknown_parameter():
     pg = _topology("mlp")
     with pytest.raises(ValueError, match=r"no floating-point parameter or buffer 'fc9.weight'.*fc1.weight"):
