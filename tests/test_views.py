@@ -316,7 +316,7 @@ def test_matching_quality_and_within_model_zips_agree_with_a_slow_count():
         sims = [corr[i * n + j, k * n + l] for (i, j, c) in units for (k, l, d) in units
                 if c == d and (i, j) != (k, l) and not dead[i * n + j] and not dead[k * n + l]]
         within = sum(1 for (i, j, c) in units if any(k == i and d == c and l != j for (k, l, d) in units))
-        assert matches[s].similarity == pytest.approx(float(np.mean(sims)), abs=1e-12)
+        assert matches[s].similarity == pytest.approx(float(np.mean(sims, dtype=np.float64)), abs=1e-9)
         assert matches[s].within == within
     assert any(matches[s].within > 0 for s in res.graph.free_spaces)  # zip does merge inside one model here
 

@@ -51,13 +51,13 @@ def _perm_similarity(C: np.ndarray, perms, n: int, alive: np.ndarray) -> Optiona
         keep = alive[a] & alive[b]
         vals.append(C[a[keep], b[keep]])
     vals = np.concatenate(vals) if vals else np.zeros(0)
-    return float(vals.mean()) if vals.size else None
+    return float(vals.mean(dtype=np.float64)) if vals.size else None
 
 
 def _cluster_similarity(C: np.ndarray, stacked: np.ndarray, alive: np.ndarray) -> Optional[float]:
     same = (stacked[:, None] == stacked[None, :]) & alive[:, None] & alive[None, :]
     np.fill_diagonal(same, False)
-    return float(C[same].mean()) if same.any() else None
+    return float(C[same].mean(dtype=np.float64)) if same.any() else None
 
 
 def _within(labels: list[np.ndarray]) -> int:
