@@ -28,10 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-STATUSES = ("proven", "clear_error", "unclear_error", "wrong_proof", "wrong_merge", "missing_barrier",
-            "generator_failed")
-
-
 def _run_chunk(args: tuple) -> list[dict]:
     seeds, merge_every = args
     import torch
@@ -42,7 +38,12 @@ def _run_chunk(args: tuple) -> list[dict]:
     out = []
     for seed in seeds:
         opts = Options(check_seeds=(0, 1), merge=merge_every > 0 and seed % merge_every == 0)
-        program, o = run_seed(seed, opts)
+        try:
+            program, o = run_seed(seed, opts)
+        except Exception as e:  # a bug of the fuzzer itself: recorded, the run goes on
+            out.append(dict(seed=seed, status="harness_error", detail=f"{type(e).__name__}: {e}", ops=[], families=[],
+                            n_free=0, n_barriers=0, coverage=0.0, rule_keys=[], seconds=0.0, merged=opts.merge))
+            continue
         out.append(dict(seed=seed, status=o.status, detail=o.detail, ops=list(o.ops), families=list(o.families),
                         n_free=o.n_free, n_barriers=o.n_barriers, coverage=o.coverage, rule_keys=list(o.rule_keys),
                         seconds=o.seconds, merged=opts.merge))
@@ -98,13 +99,18 @@ def run(n_models: int, seed0: int, jobs: int, merge_every: int, max_shrinks: int
     for sig, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         first = rs[0]
         entry = dict(kind=sig, count=len(rs), seeds=[r["seed"] for r in rs[:20]])
-        if len(shrunk) < max_shrinks:
-            entry["minimal"] = _shrunk(first["seed"], first["merged"])
+        if len(shrunk) < max_shrinks and first["status"] != "harness_error":
+            try:
+                entry["minimal"] = _shrunk(first["seed"], first["merged"])
+            except Exception as e:
+                entry["minimal_error"] = f"{type(e).__name__}: {e}"
         shrunk.append(entry)
     op_models = collections.Counter(op for r in rows for op in set(r["ops"]))
     op_failed = collections.Counter(op for r in failures for op in set(r["ops"]))
     keys_hit = collections.Counter(k for r in rows for k in r["rule_keys"])
-    all_keys = sorted(key_name(k) for k in rule_table.all_keys())
+    import torch
+    # ATen overloads serve torch.export graphs; fx graphs (what the fuzzer traces) use the others
+    all_keys = sorted(key_name(k) for k in rule_table.all_keys() if not isinstance(k, torch._ops.OpOverload))
     per_model = [r["seconds"] for r in rows if r["seconds"]]
     merged = [r for r in rows if r["merged"]]
     return {
@@ -114,6 +120,7 @@ def run(n_models: int, seed0: int, jobs: int, merge_every: int, max_shrinks: int
         "clear_errors": counts["clear_error"], "unclear_errors": counts["unclear_error"],
         "wrong_proofs": counts["wrong_proof"], "wrong_merges": counts["wrong_merge"],
         "missing_barriers": counts["missing_barrier"], "generator_failed": counts["generator_failed"],
+        "harness_errors": counts["harness_error"],
         "merge_oracle_models": len(merged),
         "seconds": round(seconds, 1), "seconds_per_model_median": round(statistics.median(per_model), 4) if per_model else None,
         "mean_free_spaces": round(statistics.fmean(r["n_free"] for r in rows), 3),
@@ -148,7 +155,7 @@ def markdown(res: dict) -> str:
              f"| {res['models']} | {res['proven']} | {res['with_free_spaces']} | {res['with_barriers']} | "
              f"{res['clear_errors']} | {res['unclear_errors']} | {res['wrong_proofs']} | {res['wrong_merges']} | "
              f"{res['missing_barriers']} | {res['seconds']} |", "",
-             f"Rule table rows exercised: {res['rule_keys_exercised']} of {res['rule_keys_total']}; mean free spaces "
+             f"Rule table rows (fx keys) exercised: {res['rule_keys_exercised']} of {res['rule_keys_total']}; mean free spaces "
              f"per model {res['mean_free_spaces']}, mean coverage {res['mean_coverage']}.", ""]
     if res["failure_kinds"]:
         lines += ["## Failures by kind", ""]
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
     md = markdown(res)
     a.out.with_suffix(".md").write_text(md)
     print(md.split("## Ops")[0])
-    return 1 if res["wrong_proofs"] or res["unclear_errors"] or res["missing_barriers"] else 0
+    return 1 if res["wrong_proofs"] or res["unclear_errors"] or res["missing_barriers"] or res["harness_errors"] else 0
 
 
 if __name__ == "__main__":
