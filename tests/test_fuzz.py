@@ -76,3 +76,56 @@ def test_fuzzed_merge_with_a_permuted_copy_gives_back_the_model():
     _, text = fuzz(range(30_000, 30_040), CLEAN, Options(check_seeds=(0,), single_space=False, merge=True),
                    max_reports=0, stop_at_first=True)
     assert not text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# negative controls: the harness fails when the rule table is wrong
+class _Row:
+    """Temporarily replace (or add) a row of the rule table."""
+
+    def __init__(self, key, rule):
+        from mudsc_fx.rules import table
+        self.table, self.key, self.rule = table.RULES, key, rule
+
+    def __enter__(self):
+        self.old = self.table.get(self.key)
+        self.table[self.key] = self.rule
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            self.table.pop(self.key, None)
+        else:
+            self.table[self.key] = self.old
+
+
+def _program(*steps, inputs=((2, 5, 4),)):
+    from fuzz_models import InputSpec, Program, Step
+    return Program(0, tuple(InputSpec(s, "seq") for s in inputs),
+                   tuple(Step(op, ins, tuple(sorted(a.items()))) for op, ins, a in steps))
+
+
+def test_an_op_without_a_rule_passed_through_is_caught():
+    import mudsc_fx as mf
+    from fuzz_harness import run_program
+    from fuzz_ops import fuzz_unruled
+
+    program = _program(("linear.module", (0,), dict(out=6, bias=True)), ("unruled.wrapped", (1,), {}),
+                       ("readout", (2,), dict(form="channel", kind="other")))
+    assert run_program(program).status == "proven"
+    with _Row(fuzz_unruled, mf.rules.passthrough):
+        assert run_program(program).status in ("missing_barrier", "wrong_proof")
+
+
+def test_a_wrong_rule_is_a_wrong_proof():
+    """torch.roll along the channels mixes units: a rule that passes it through is unsound."""
+    import torch
+    import mudsc_fx as mf
+    from fuzz_harness import run_program
+
+    program = _program(("linear.module", (0,), dict(out=6, bias=True)),
+                       ("along_axis", (1,), dict(form="roll", axis=2)),
+                       ("readout", (2,), dict(form="channel", kind="other")))
+    assert run_program(program).status == "proven"
+    with _Row(torch.roll, mf.rules.passthrough):
+        out = run_program(program)
+    assert out.status == "wrong_proof" and "check" in out.detail
