@@ -179,19 +179,20 @@ class Case:
     expect: Callable[[Any], None]
     spec: str = ""
     gap: str = ""  # a known coverage gap: the rule is sound but pins more than the spec (strict xfail)
+    leaves: tuple = ()  # module classes traced as leaves (rows that serve leaf modules)
 
 
 CASES: list[Case] = []
 
 
 def case(id: str, build: Callable[[], nn.Module], expect: Callable, spec: str, inputs: Optional[Callable] = None,
-         gap: str = ""):
-    CASES.append(Case(id, build, inputs or (lambda: (_randn(2, 5, 4),)), expect, spec, gap))
+         gap: str = "", leaves: tuple = ()):
+    CASES.append(Case(id, build, inputs or (lambda: (_randn(2, 5, 4),)), expect, spec, gap, leaves))
 
 
-def chain(id: str, op: Callable, expect: Callable, spec: str, gap: str = "", **kw):
+def chain(id: str, op: Callable, expect: Callable, spec: str, gap: str = "", leaves: tuple = (), **kw):
     case(id, lambda: Chain(op, **kw), expect, spec,
-         (lambda: (_randn(*kw["shape"]),)) if "shape" in kw else None, gap)
+         (lambda: (_randn(*kw["shape"]),)) if "shape" in kw else None, gap, leaves)
 
 
 def pair(id: str, op: Callable, expect: Callable = AB_one_space, spec: str = "one space (rule 4)", gap: str = ""):
@@ -1110,10 +1111,33 @@ def _timm_cases() -> None:
          lambda: (_randn(1, 4, 8),))
 
 
-try:
-    _torchvision_cases()
-except ImportError:  # torchvision is a test dependency; without it its rows are not loaded either
-    pass
+def _transformers_cases() -> None:
+    from transformers import activations
+    from transformers.pytorch_utils import Conv1D
+
+    for name in ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
+                 "PytorchGELUTanh", "AccurateGELUActivation", "MishActivation", "LinearActivation",
+                 "LaplaceActivation", "ReLUSquaredActivation", "SiLUActivation"):
+        cls = getattr(activations, name, None)
+        if isinstance(cls, type):
+            chain(f"transformers {name}", cls(), H_free, "as a leaf module, an activation is elementwise", leaves=(cls,))
+    chain("transformers ClippedGELUActivation", activations.ClippedGELUActivation(-1.0, 1.0), H_free,
+          "as a leaf module, an activation is elementwise", leaves=(activations.ClippedGELUActivation,))
+
+    def _conv1d(pg):  # GPT-2's Conv1D stores [in, out]
+        assert free(pg, "fc_in.weight", 0) and same(pg, ("fc_in.weight", 0), ("op.weight", 0)), pg.summary()
+        assert member(pg, "op.weight", 0).role == "in"
+        assert free(pg, "op.weight", 1) and same(pg, ("op.weight", 1), ("fc_out.weight", 1))
+
+    chain("transformers Conv1D", Conv1D(5, 6), _conv1d, "Conv1D is x @ W + b with W [in, out]")
+    chain("transformers Conv1D as a leaf", Conv1D(5, 6), _conv1d, "as a leaf module, the same", leaves=(Conv1D,))
+
+
+for _cases in (_torchvision_cases, _transformers_cases):
+    try:
+        _cases()
+    except ImportError:  # a test dependency that is missing: its rows are not loaded either
+        pass
 try:
     from timm.layers.padding import get_same_padding as timm_get_same_padding, pad_same as timm_pad_same
     from timm.models.crossvit import scale_image as timm_scale_image
@@ -1142,7 +1166,7 @@ def _prove(c: Case):
     model, x = _seeded(c.build), c.inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pg = mf.infer(model, x)
+        pg = mf.infer(model, x, leaf_modules=c.leaves)
         for seed in (0, 1):
             rep = mf.check(model, x, seed=seed, pg=pg)
             assert rep.ok, f"{c.id}: max abs err {rep.max_abs_err} > {rep.tolerance}\n{pg.summary()}"
@@ -1177,28 +1201,19 @@ UNREACHABLE = {
 }
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """fx with extra leaf classes and wrapped functions (what a library's conventions adopt)."""
-
-    def __init__(self, leaves: tuple = (), functions: tuple = ()):
-        super().__init__(autowrap_functions=functions)
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
-
-
 def _exercised(c: Case) -> set[str]:
-    """Rule keys of the case's traced graph (fx tracing alone, with the model libraries'
-    conventions as mf.trace uses them: no shapes needed)."""
-    from mudsc_fx.ir.conventions import trace_fx
-    model = _seeded(c.build)
+    """Rule keys of the case's graph as mf.trace makes it for infer (library conventions included)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return set(rule_keys(model, trace_fx(model, _LeafTracer)[1]))
+        return set(rule_keys(mf.trace(_seeded(c.build), c.inputs(), leaf_modules=c.leaves)))
 
 
 def test_every_rule_key_has_a_per_op_case():
+    import importlib
+    import importlib.util
+    for library in rule_table.LIBRARIES:  # load every third-party row whose library is installed
+        if importlib.util.find_spec(library) is not None:
+            importlib.import_module(library)
     # ATen overloads (torch.export graphs) point at the same rule bodies as the fx keys; they
     # are exercised by tests/test_export.py and tests/test_hf.py, not one case per overload
     keys = {key_name(k) for k in rule_table.all_keys() if not isinstance(k, torch._ops.OpOverload)} \
