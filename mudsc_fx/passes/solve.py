@@ -161,7 +161,39 @@ class AlignmentOps:
             self.mat[i].pop(s, None)
             self.cluster[i].pop(s, None)
 
+    def feature_op(self, i: int) -> SpaceOp:
+        """Model i's space operations for weight features (MuDSC's Z, Git Re-Basin's cost):
+        a neighbour's `in` axis by N M_i, its `out` axis by U_i^T, as the reference MuDSC code
+        projects them. For a permutation both are the plain permutation (no 1/N); for a zip
+        cluster an `in` axis gets N / size times the sum of model i's members, an `out` axis
+        their sum."""
+        perm, mat, cluster, N = self.perm[i], self.mat[i], self.cluster[i], self.N
+
+        def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
+            idx = perm.get(s)
+            if idx is not None:
+                return t.index_select(axis, idx)
+            cl = cluster.get(s)
+            if cl is not None:
+                labels, weights, k = cl
+                if role == "in":
+                    shape = [1] * t.dim()
+                    shape[axis] = -1
+                    t = t * (N * weights).to(t.dtype).view(shape)
+                shape = list(t.shape)
+                shape[axis] = k
+                return t.new_zeros(shape).index_add_(axis, labels, t)
+            pair = mat.get(s)
+            if pair is None:
+                return t
+            A = N * pair[0] if role == "in" else pair[1]
+            moved = t.movedim(axis, 0)
+            res = (A.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape((A.shape[0],) + moved.shape[1:])
+            return res.movedim(0, axis)
+        return apply
+
     def op(self, i: int) -> SpaceOp:
+        """Model i's space operations for merging: `out` axes by M_i, `in` axes by U_i^T."""
         perm, mat, cluster, N = self.perm[i], self.mat[i], self.cluster[i], self.N
 
         def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
@@ -224,7 +256,7 @@ class _Solver:
         self.features = FeatureCache(lambda d: self.version.get(d, 0))
 
     def _ops(self) -> list:
-        ops = [self.ops.op(i) for i in range(self.N)]
+        ops = [self.ops.feature_op(i) for i in range(self.N)]
         read = self._read
         if read is None:
             return ops

@@ -1,8 +1,11 @@
-"""Weight-space features per space (MuDSC's Z, Git Re-Basin's cost; DESIGN.md, "Statistics").
+"""Weight-space features per space (MuDSC's Z, Git Re-Basin's cost).
 
-For space s and model i: every member tensor touching s, with its other governed axes moved
-into the common basis by the current alignment of their spaces, unfolded to [n_units, rest]
-and concatenated along ``rest``.
+For space s and model i: every learned member tensor touching s (weights, biases, norm affine
+parameters), with its other governed axes moved into the common basis by the current
+alignment of their spaces, unfolded to [n_units, rest] and concatenated along ``rest``.
+Norm running statistics and counters are left out (they are merged like every other tensor,
+but say nothing about what a unit computes: in a BatchNorm network they made up 32-98 % of
+the squared norm of Z and pushed the weight correlation towards a constant).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 from scipy.linalg.blas import dsyrk as _dsyrk, ssyrk as _ssyrk
+from torch import nn
 
 from ..ir.graph import Member, PermutationGraph
 from ..ir.layout import spaces_of, transform_axis
@@ -59,14 +63,30 @@ class FeatureCache:
             self.bytes += size
 
 
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def running_statistics(pg: PermutationGraph) -> frozenset[str]:
+    """Tensors of ``pg`` that norm layers estimate from data rather than learn: the running
+    statistics and counters of BatchNorm / InstanceNorm modules (and, for functional norms,
+    tensors named like them)."""
+    out = set()
+    for name, mod in pg.gm.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase):
+            out.update(f"{name}.{b}" if name else b for b in _RUNNING if getattr(mod, b, None) is not None)
+    out.update(f for f in pg.params if f.rsplit(".", 1)[-1] in _RUNNING)
+    return frozenset(out)
+
+
 def _plan(pg: PermutationGraph, s: int) -> list:
     """(fqn, members sorted by axis, groups of a grouped member or 0, anchor member) per
-    tensor touching space ``s``, in member order."""
+    learned tensor touching space ``s``, in member order (running statistics left out)."""
     by_fqn: dict[str, list[Member]] = {}
     for m in pg.members:
         by_fqn.setdefault(m.fqn, []).append(m)
+    skip = running_statistics(pg)
     out = []
-    for fqn in dict.fromkeys(m.fqn for m in pg.spaces[s].members):
+    for fqn in dict.fromkeys(m.fqn for m in pg.spaces[s].members if m.fqn not in skip):
         members = sorted(by_fqn[fqn], key=lambda m: m.axis)
         grouped = [m for m in members if m.groups > 1]
         anchor = next(m for m in members if s in set(spaces_of(m.layout)))

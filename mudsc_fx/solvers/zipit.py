@@ -29,6 +29,12 @@ def units_per_model(C: np.ndarray, n_models: int) -> int:
 # model of that smallest member. This is what the public ZipIt code does implicitly (the merged
 # column keeps the lower matrix position and its origin tag), so a pair is same-model iff the
 # two clusters' smallest members come from one model, and the budget charged is that model's.
+# The discount ``a`` applies to the pairs of a merged cluster that would put two units of one
+# model into one cluster (ZipIt discounts every pair of a merged cluster; for N = 2 that is the
+# same thing, since a merged cluster shares a model with every other cluster). For N > 2 a
+# cluster that still lacks a model keeps its full similarity to that model's units, so
+# merging N identical models gives back clusters of one unit per model instead of letting
+# same-model pairs win against the discounted third copy.
 # Masks are -inf entries, so they spread through the min of merged rows, as in ZipIt. A budget
 # of 0 masks the model from the start (ZipIt's code lets one such merge through). If the masks
 # leave no admissible pair before the target, the budgets are lifted (see _zip). The input is
@@ -55,11 +61,19 @@ def _symmetrized(C):
     return S
 
 
-def _merge_into(S, p, q, alive, a):
-    """Merged similarity row of cluster p after absorbing q (alive[q] already False)."""
+def _merge_into(S, p, q, alive, a, counts):
+    """Merged similarity row of cluster p after absorbing q (alive[q] already False);
+    ``counts`` (clusters x models) counts each cluster's units per model, updated here."""
+    counts[p] += counts[q]
     if a > 0:
         row = np.minimum(S[p], S[q])
-        row *= a
+        if a != 1.0:
+            if counts[p].max() >= 2:
+                row *= a
+            else:  # discount the clusters that share a model with p or hold a duplicate
+                dup = (counts[:, counts[p] > 0] > 0).any(axis=1)
+                dup |= counts.max(axis=1) >= 2
+                row[dup] *= a
         row[~alive] = _NEG
     else:  # a <= 0: the merged cluster may not merge again
         row = np.full(S.shape[0], _NEG)
@@ -80,6 +94,8 @@ class _Progress:
         self.n, self.n_models = n, n_models
         self.alive = np.ones(m, dtype=bool)
         self.parent = np.arange(m)
+        self.counts = np.zeros((m, n_models), dtype=np.int32)  # units per model of each cluster
+        self.counts[np.arange(m), np.arange(m) // n] = 1
         self.merges: list[tuple[int, int]] = []
         self.masked = False  # whether any budget mask was applied
 
@@ -124,9 +140,11 @@ def _zip(C, n_models, target, a, b, greedy):
         del S
         S = _symmetrized(C)
         replay = np.ones(m, dtype=bool)
+        counts = np.zeros_like(prog.counts)
+        counts[np.arange(m), np.arange(m) // n] = 1
         for p, q in prog.merges:
             replay[q] = False
-            _merge_into(S, p, q, replay, a)
+            _merge_into(S, p, q, replay, a, counts)
         S[~prog.alive] = _NEG
         S[:, ~prog.alive] = _NEG
         greedy(S, prog, None, a, m - target - len(prog.merges))
@@ -144,7 +162,7 @@ def _greedy_reference(S, prog, budget, a, n_merges):
         if S[p, q] == _NEG:
             return
         prog.merge(p, q)
-        _merge_into(S, p, q, prog.alive, a)
+        _merge_into(S, p, q, prog.alive, a, prog.counts)
         S[q] = _NEG
         S[:, q] = _NEG
         if budget is not None and p // n == q // n:
@@ -425,7 +443,7 @@ class _FastZip:
             self.prog.merge(p, q)
             self.ver[p] = step  # every head pointing at p or q is stale from now on
             self.hv[q], self.hc[q] = _NEG, -1
-            _merge_into(self.S, p, q, self.alive, self.a)
+            _merge_into(self.S, p, q, self.alive, self.a, self.prog.counts)
             t = p // self.n
             if self.budget is not None and t == q // self.n:
                 self.spent[t] += 1
