@@ -37,6 +37,7 @@ import mudsc_fx as mf  # noqa: E402
 from mudsc_fx import zoo  # noqa: E402
 
 import quality as Q  # noqa: E402  (the trained pairs and their cache keys)
+from common import arch_label  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("zipit", "mudsc_zip")
@@ -62,7 +63,7 @@ def run(cfgs, pairs: int, log) -> list[dict]:
         ds = zoo.load_dataset(name)
         head = zoo.ClassHead(ds.num_classes, seed=Q.HEAD_SEED)
         rec = zoo.recipe(arch, ds)
-        label = Q.arch_label(arch, kw)
+        label = arch_label(arch, kw)
         for p in range(pairs):
             tasks = zoo.split_classes(ds.num_classes, 2, seed=p)
             seeds = [100 * p + 1, 100 * p + 2]

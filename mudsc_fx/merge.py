@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import distributed
+from .alpha_search import pop_auto_options, search_alpha
 from .ir.graph import PermutationGraph
 from .ir.inputs import ModelCall, call_model, eval_mode, model_call
 from .ir.errors import TraceError
@@ -34,7 +35,7 @@ from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer
 from .passes.partial import Cut, build_partial, cost_report, find_cut, trunk_params
 from .passes.rewrite import rewrite
-from .passes.solve import Alignment, MatchConfig, solve
+from .passes.solve import Alignment, MatchConfig, SolveCache, solve
 from .passes.stats import STATS_BUDGET_BYTES, Statistics, collect_stats, default_input_fn
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ PRESETS: dict[str, MatchConfig] = {
 }
 # per matching family: (activation-only row, dual-space row, weight-only row)
 _FAMILY = {"align": ("act_align", "mudsc_align", "rebasin"), "zip": ("zipit", "mudsc_zip", "weight_zip")}
-_ZIP_ONLY = ("zip_a", "zip_b")
+_ZIP_ONLY = ("zip_a", "zip_b", "zip_b_blocked")
 
 
 def _check_real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
@@ -91,6 +92,7 @@ def _check_option_names(method: str, cfg: MatchConfig, overrides: dict) -> None:
 def _check_match_options(cfg: MatchConfig) -> None:
     _check_real("zip_a", cfg.zip_a, hi=1.0)
     _check_real("zip_b", cfg.zip_b, 0.0, 1.0)
+    _check_real("zip_b_blocked", cfg.zip_b_blocked, 0.0, 1.0)
     if cfg.weight_kind not in ("pearson", "inner"):
         raise ValueError(f"weight_kind must be 'pearson' (MuDSC) or 'inner' (Git Re-Basin), got {cfg.weight_kind!r}")
     _check_bool("weight_normalize", cfg.weight_normalize)
@@ -364,9 +366,12 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None) -> nn.Module:
+def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None, *,
+             outputs: Optional[list] = None) -> nn.Module:
     """Recompute BatchNorm running statistics on ``data`` (cumulative average), in place;
-    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged.
+    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged. With
+    ``outputs`` (a list), the model's output on every batch of the pass is appended to it
+    (computed with the batch statistics).
 
     >>> # merged = mf.reset_bn(merged, loader)
     """
@@ -387,7 +392,9 @@ def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = No
         with distributed.together(sharding, "reset_bn"), torch.no_grad():
             for batch in distributed.shard(data, sharding):
                 try:
-                    call_model(model, input_fn(batch))
+                    out = call_model(model, input_fn(batch))
+                    if outputs is not None:
+                        outputs.append(out)
                 except ValueError as e:
                     if "more than 1 value per channel" in str(e):
                         raise ValueError(f"reset_bn: calibration batch {n} gives BatchNorm one value per channel "
@@ -459,6 +466,7 @@ class Merger:
         self.example = example
         self._tensors = [named_tensors(m) for m in self.models]
         self._stats: Optional[Statistics] = None
+        self._solve_cache = SolveCache()  # weight features and unit matchings shared by merges
         log.info("merge: %d spaces (%d free), coverage %.3f, %d barriers", len(graph.spaces),
                  len(graph.free_spaces), graph.coverage(), len(graph.barriers))
 
@@ -474,7 +482,7 @@ class Merger:
             self.seconds["statistics"] = time.perf_counter() - t
         return self._stats
 
-    def merge(self, method: Optional[str] = None, alpha: Optional[float] = None, *, reset_bn: bool = True,
+    def merge(self, method: Optional[str] = None, alpha: Union[float, str, None] = None, *, reset_bn: bool = True,
               seed: int = 0, match: Optional[str] = None, stop_at: Union[str, float, None] = None,
               combine: Union[str, Callable, None] = None, **options: Any) -> MergeResult:
         """Merge with one method (a preset of PRESETS) and alpha; ``options``: MatchConfig fields.
@@ -483,7 +491,15 @@ class Merger:
         the FLOPs; the result runs the merged trunk once and each model's own tail, returning
         the N tails' outputs, or ``combine`` of them ("sum_softmax", "mean_logits", "concat" or a
         callable). BatchNorm is reset everywhere (the tails read the merged trunk's features);
-        ``MergeResult.cost`` gives its size."""
+        ``MergeResult.cost`` gives its size.
+
+        ``alpha="auto"`` (dual-space methods) merges every alpha of ``alpha_grid`` and keeps the
+        best by ``score_fn``, the accuracy on ``val_data`` or, without labels, a proxy on the
+        calibration data (:mod:`mudsc_fx.alpha_search`)."""
+        auto = pop_auto_options(alpha, options)
+        if alpha == "auto":
+            return search_alpha(self, method, match=match, reset_bn=reset_bn, seed=seed, stop_at=stop_at,
+                                combine=combine, **auto, **options)
         cfg = method_config(method, alpha, match, **options)
         method = method or (_FAMILY[match][1] if match else "mudsc_zip")
         seed = _check_int("seed", seed)
@@ -503,7 +519,7 @@ class Merger:
         with eval_mode(*self.models):
             t = time.perf_counter()
             # under torch.distributed: rank 0 solves, every rank gets its alignment
-            alignment = distributed.on_main(lambda: solve(graph, stats, self._tensors, cfg, seed),
+            alignment = distributed.on_main(lambda: solve(graph, stats, self._tensors, cfg, seed, cache=self._solve_cache),
                                             distributed.resolve())
             seconds["solve"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -535,14 +551,15 @@ def _frozen_message(graph: PermutationGraph, spaces: tuple[int, ...]) -> str:
 
 
 def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: Optional[str] = None,
-          alpha: Optional[float] = None, reset_bn: bool = True, seed: int = 0,
+          alpha: Union[float, str, None] = None, reset_bn: bool = True, seed: int = 0,
           input_fn: Optional[Callable[[Any], Any]] = None, *, match: Optional[str] = None,
           example_inputs: Any = None, **options: Any) -> nn.Module:
     """Merge models of one architecture into one module of model 0's class, without training.
 
     ``data``: iterable of batches (a tensor, or a tuple whose first item is the input; use
     ``input_fn`` for anything else). ``method``: one of PRESETS (default "mudsc_zip").
-    ``alpha``: weight of the weight similarity (0 = activations only, 1 = weights only).
+    ``alpha``: weight of the weight similarity (0 = activations only, 1 = weights only), or
+    "auto" (``alpha_grid=``, ``val_data=`` / ``score_fn=``: see :meth:`Merger.merge`).
     ``options``: MatchConfig fields (``zip_a``, ``zip_b``, ``weight_normalize``, ...) and
     ``leaf_modules``, ``fixed_params``, ``frontend``, ``stats_budget_bytes``, ``verify``, ``progress``. The
     graph is proven on the first batch before anything is merged. The inputs are never
@@ -559,7 +576,8 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend")
               if k in options}
     partial = {k: options.pop(k) for k in ("stop_at", "combine") if k in options}
-    cfg = method_config(method, alpha, match, **options)  # option errors before any work
+    auto = pop_auto_options(alpha, options)
+    cfg = method_config(method, None if alpha == "auto" else alpha, match, **options)  # option errors first
     if cfg.uses_activations and data is None:
         raise ValueError(f"method {method or 'mudsc_zip'!r} uses activations: pass calibration data")
     if isinstance(data, Iterator):
@@ -567,13 +585,14 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     try:
         merger = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged)
     except TraceError as e:  # traces nowhere as a whole: merge its traced submodules (warns, reports)
-        if partial:
+        if partial or alpha == "auto":
             raise
         from .passes.compose import merge_compositional
         staged.pop("frontend", None)  # the units are traced on their own
         return merge_compositional(models, data, method, alpha, reset_bn, seed, input_fn, unit_merger=Merger,
                                    match=match, example_inputs=example_inputs, whole_error=e, **staged, **options)
-    return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **partial, **options).model
+    return merger.merge(method, alpha, reset_bn=reset_bn, seed=seed, match=match, **partial, **auto,
+                        **options).model
 
 
 def align_models(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: str = "act_align",
@@ -581,15 +600,17 @@ def align_models(models: Sequence[nn.Module], data: Optional[Iterable] = None, m
                  **options: Any) -> list[nn.Module]:
     """Permute every model into models[0]'s basis (copies; models[0] is returned as a copy).
     ``method`` must be a permutation matching: act_align, mudsc_align or rebasin. The graph is
-    proven first, so the aligned copies compute exactly what the originals compute."""
+    proven first, so the aligned copies compute exactly what the originals compute. With
+    ``alpha="auto"`` (mudsc_align) the alignment of the best-scoring merge is used."""
     alpha = options.pop("alpha", None)
-    cfg = method_config(method, alpha)
+    auto = pop_auto_options(alpha, options)
+    cfg = method_config(method, None if alpha == "auto" else alpha)
     if cfg.match != "align":
         raise ValueError(f"align_models needs a permutation method (act_align, mudsc_align, rebasin), got {method!r}")
     staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend")
               if k in options}
     res = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged).merge(
-        method, alpha, reset_bn=False, seed=seed, **options)
+        method, alpha, reset_bn=alpha == "auto", seed=seed, **auto, **options)  # auto scores the real merge
     out = []
     for i, m in enumerate(models):
         perms = {s: p[i] for s, p in res.alignment.perms.items()}

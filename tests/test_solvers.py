@@ -8,7 +8,7 @@ import pytest
 
 from mudsc_fx.solvers import match, zipit
 from mudsc_fx.solvers.match import align, group_align, group_zip, matrices_from_labels, matrices_from_perms
-from mudsc_fx.solvers.zipit import zip_match, zip_match_reference
+from mudsc_fx.solvers.zipit import zip_match, zip_match_fast, zip_match_reference
 
 
 def _corr(*feats):
@@ -41,8 +41,9 @@ def _random_sym(rng, m, kind):
 
 def _same(C, N, target=None, a=0.5, b=1.0):
     ref = zip_match_reference(C, N, target, a, b)
-    fast = zip_match(C, N, target, a, b)
+    fast = zip_match_fast(C, N, target, a, b)
     np.testing.assert_array_equal(fast, ref)
+    np.testing.assert_array_equal(zip_match(C, N, target, a, b), ref)
     return fast
 
 
@@ -68,7 +69,7 @@ def test_zip_fast_equals_reference_random(kind, N, a, b):
     C = _random_sym(rng, N * n, kind)
     if a <= 0 and N > 2:  # each cluster merges at most once: 3n units cannot reach n
         with pytest.raises(ValueError, match="no mergeable pair"):
-            zip_match(C, N, a=a, b=b)
+            zip_match_fast(C, N, a=a, b=b)
         with pytest.raises(ValueError, match="no mergeable pair"):
             zip_match_reference(C, N, a=a, b=b)
         return
@@ -87,7 +88,7 @@ def test_zip_fast_equals_reference_planted_duplicates(N, a, b):
     C = _corr(*feats)
     if a <= 0 and N > 2:
         with pytest.raises(ValueError):
-            zip_match(C, N, a=a, b=b)
+            zip_match_fast(C, N, a=a, b=b)
         return
     _same(C, N, a=a, b=b)
     _same(C, N, target=n + 7, a=a, b=b)
@@ -153,7 +154,8 @@ def test_zip_lifts_budgets_when_masks_block_every_pair(caplog):
     assert labels.max() == 29 and np.bincount(labels).min() >= 1
 
 
-def test_zip_rejects_bad_input():
+@pytest.mark.parametrize("zip_match", [zip_match_fast, zip_match_reference])
+def test_zip_rejects_bad_input(zip_match):
     with pytest.raises(ValueError):
         zip_match(np.ones((5, 5)), 2)
     with pytest.raises(ValueError):

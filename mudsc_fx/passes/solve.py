@@ -8,7 +8,7 @@ are the same loop with different similarities and patience.
 """
 from __future__ import annotations
 
-import itertools
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -35,6 +35,7 @@ class MatchConfig:
     iterate: bool = True
     zip_a: float = 0.5
     zip_b: float = 1.0
+    zip_b_blocked: float = 0.0            # self-merge budget inside GroupNorm groups and heads
     weight_kind: str = "pearson"          # "pearson" (MuDSC) or "inner" (Git Re-Basin)
     weight_normalize: bool = False        # per-member normalisation of weight features
     patience: int = 5
@@ -108,6 +109,17 @@ def _cluster_form(M: np.ndarray, U: np.ndarray):
     return labels, weights
 
 
+def _plain_perm(M: np.ndarray, U: np.ndarray, perm: np.ndarray, N: int) -> bool:
+    """Whether M = P / N and U = P^T for the permutation ``perm`` (P[k, perm[k]] = 1)."""
+    M, U, perm = np.asarray(M), np.asarray(U), np.asarray(perm)
+    n = perm.size
+    if M.shape != (n, n) or U.shape != (n, n):
+        return False
+    k = np.arange(n)
+    return (np.count_nonzero(M) == n and np.count_nonzero(U) == n and (M[k, perm] == 1.0 / N).all()
+            and (U[perm, k] == 1.0).all())
+
+
 class AlignmentOps:
     """Per-model space operations for the current matching: a gather for permutations, a
     segment sum for zip clusters (the product with M or U^T, without the zeros), a matrix
@@ -124,7 +136,7 @@ class AlignmentOps:
             self.perm[i].pop(s, None)
             self.mat[i].pop(s, None)
             self.cluster[i].pop(s, None)
-            if perms is not None and M[i].shape[0] == M[i].shape[1]:
+            if perms is not None and _plain_perm(M[i], U[i], perms[i], self.N):
                 # M_i = P_i / N, U_i = P_i^T: gather, then scale out-axes by the 1/N factor of M
                 self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
                 continue
@@ -232,8 +244,37 @@ def _objective_zip(C: np.ndarray, labels: np.ndarray) -> float:
     return float(C[same].mean()) if same.any() else 0.0
 
 
+def _content_key(kind: bytes, arrays) -> bytes:
+    """A name for a matching that only equal matchings share (128-bit digest of its arrays)."""
+    h = hashlib.blake2b(kind, digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        h.update(a.shape[0].to_bytes(8, "little"))
+        h.update(a.view(np.uint8))
+    return h.digest()
+
+
+class SolveCache:
+    """Work that the solves of one model set share: weight features and unit matchings,
+    keyed by the content of the matchings they read, so a solve with another alpha or method
+    (an alpha search, a benchmark's rows) replays what an earlier solve computed. It binds
+    to one graph, one list of model tensors and one statistics object; other ones clear it."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.features = FeatureCache(lambda d: b"", max_bytes)
+        self.units: dict[tuple, tuple] = {}
+        self._owner: Optional[tuple] = None
+
+    def bind(self, pg: PermutationGraph, tensors: Sequence[Mapping], stats: Optional[Statistics]) -> None:
+        owner = (pg, stats) + tuple(tensors)  # held, so that no other object can take their ids
+        if self._owner is None or len(owner) != len(self._owner) or any(a is not b for a, b in zip(owner, self._owner)):
+            self._owner, self.units = owner, {}
+            self.features = FeatureCache(lambda d: b"", self.features.max_bytes)
+
+
 class _Solver:
-    def __init__(self, pg: PermutationGraph, stats: Optional[Statistics], tensors, cfg: MatchConfig):
+    def __init__(self, pg: PermutationGraph, stats: Optional[Statistics], tensors, cfg: MatchConfig,
+                 cache: Optional[SolveCache] = None):
         self.pg, self.stats, self.tensors, self.cfg = pg, stats, tensors, cfg
         self.N = len(tensors)
         # the matching of each space, compact: permutations (align) or cluster labels (zip);
@@ -243,17 +284,21 @@ class _Solver:
         self._order: dict[int, None] = {}
         self.ops = AlignmentOps(self.N, torch.float32)  # similarity only: float32 is plenty
         self.f32 = [{k: v.detach().float() for k, v in t.items() if v.is_floating_point()} for t in tensors]
-        # Matching a unit is a pure function of its similarities, which depend only on alpha and
-        # on the current matching of the spaces its weight features read (recorded as they are
-        # read). version[s] names the current matching of space s (a fresh stamp per change, and
-        # a restored snapshot brings its stamps back); a unit whose inputs have the versions
-        # they had when it was last matched replays that result instead of recomputing it.
-        self.version: dict[int, int] = {}
-        self._stamps = itertools.count(1)
-        self._cache: dict[str, tuple] = {}
+        # Matching a unit is a pure function of its similarities, which depend only on the
+        # matching options, alpha and the current matching of the spaces its weight features
+        # read (recorded as they are read). version[s] names the current matching of space s by
+        # its content (b"" before it is matched); a unit whose inputs have the versions they had
+        # when it was matched with the same options and alpha replays that result instead of
+        # recomputing it, in this solve or in another one sharing the cache.
+        self.version: dict[int, bytes] = {}
+        cache = cache or SolveCache()
+        cache.bind(pg, tensors, stats)
+        self._cache = cache.units
+        self._options = (cfg.match, cfg.zip_a, cfg.zip_b, cfg.zip_b_blocked, cfg.weight_kind, cfg.weight_normalize)
         self._read: Optional[set] = None
         self._calls: Optional[list] = None
-        self.features = FeatureCache(lambda d: self.version.get(d, 0))
+        self.features = cache.features
+        self.features.version = lambda d: self.version.get(d, b"")
 
     def _ops(self) -> list:
         ops = [self.ops.feature_op(i) for i in range(self.N)]
@@ -291,23 +336,24 @@ class _Solver:
         return cw
 
     def match_unit(self, unit: SolveUnit, alpha: float) -> float:
-        hit = self._cache.get(unit.name)
-        if hit is not None and hit[0] == alpha and all(self.version.get(d, 0) == v for d, v in hit[1]):
-            for kind, s, value in hit[2]:
+        key = (unit.name, self._options, alpha)
+        hit = self._cache.get(key)
+        if hit is not None and all(self.version.get(d, b"") == v for d, v in hit[0]):
+            for kind, s, value in hit[1]:
                 (self._set_perms if kind == "perms" else self._set_labels)(s, value)
-            return hit[3]
+            return hit[2]
         self._read = set()
         try:
             Cs = [self.similarity(s, alpha) for s in unit.spaces]
         finally:
             read, self._read = self._read, None
-        deps = tuple((d, self.version.get(d, 0)) for d in sorted(read))
+        deps = tuple((d, self.version.get(d, b"")) for d in sorted(read))
         self._calls = []
         try:
             score = self._match(unit, Cs, alpha)
         finally:
             calls, self._calls = self._calls, None
-        self._cache[unit.name] = (alpha, deps, tuple(calls), score)
+        self._cache[key] = (deps, tuple(calls), score)
         return score
 
     def _match(self, unit: SolveUnit, Cs: list[np.ndarray], alpha: float) -> float:
@@ -343,7 +389,7 @@ class _Solver:
                 score.append(_objective_align(C, perms))
             return float(np.mean(score))
         if head_free:
-            labels_by_space = match.group_zip(Cs, N, G, gs, wid, a=cfg.zip_a, b=cfg.zip_b)
+            labels_by_space = match.group_zip(Cs, N, G, gs, wid, a=cfg.zip_a, b=cfg.zip_b_blocked)
         else:
             labels_by_space = [self._per_block(C, N, G, g, w, "zip") for C, g, w in zip(Cs, gs, wid)]
         for s, C, labels, g in zip(unit.spaces, Cs, labels_by_space, gs):
@@ -370,7 +416,8 @@ class _Solver:
                 for i in range(N):
                     perms[i][b * g:(b + 1) * g] = b * g + bp[i]
             else:
-                bl = np.tile(np.arange(g), N) if within_identity else zipit.zip_match(sub, N, g, a=self.cfg.zip_a, b=self.cfg.zip_b)
+                bl = np.tile(np.arange(g), N) if within_identity else zipit.zip_match(sub, N, g, a=self.cfg.zip_a,
+                                                                                 b=self.cfg.zip_b_blocked)
                 labels[idx] = b * g + bl
         return perms if how == "align" else labels
 
@@ -385,7 +432,7 @@ class _Solver:
         self._order.setdefault(s)
         self.labels.pop(s, None)
         self.ops.set_perms(s, perms)
-        self.version[s] = next(self._stamps)
+        self.version[s] = _content_key(b"perms", perms)
 
     def _set_labels(self, s: int, labels) -> None:
         labels = np.asarray(labels)
@@ -398,7 +445,7 @@ class _Solver:
         self._order.setdefault(s)
         self.perms.pop(s, None)
         self.ops.set_labels(s, labels)
-        self.version[s] = next(self._stamps)
+        self.version[s] = _content_key(b"labels", [labels])
 
     def _state(self, s: int):
         return self.perms.get(s, self.labels.get(s))
@@ -412,7 +459,7 @@ class _Solver:
         changed = [s for s in spaces if self._state(s) is not perms.get(s, labels.get(s))]
         self.perms, self.labels = dict(perms), dict(labels)
         for s in changed:
-            self.version[s] = version.get(s, 0)  # the same matching as then: the same name
+            self.version[s] = version.get(s, b"")  # the same matching as then: the same name
             if s in self.perms:
                 self.ops.set_perms(s, self.perms[s])
             elif s in self.labels:
@@ -420,14 +467,28 @@ class _Solver:
             else:
                 self.ops.remove(s)
 
+    def _dead(self, s: int) -> Optional[np.ndarray]:
+        dead = None if self.stats is None else self.stats.dead.get(s)
+        return dead if dead is not None and dead.any() else None
+
     def alignment(self, objective=(), sweeps: int = 0) -> Alignment:
+        """M_i, U_i of every matched space. Clusters (or matched pairs) average their members'
+        weights, leaving out members that were dead on the calibration data when a live one
+        is there (:func:`match.live_weights`)."""
         M, U = {}, {}
         for s, perms in self.perms.items():
-            Ms, Us = match.matrices_from_perms(perms)
+            dead = self._dead(s)
+            if dead is None:
+                Ms, Us = match.matrices_from_perms(perms)
+            else:
+                labels = match.perms_to_labels(perms)
+                Ms, Us = match.matrices_from_labels(labels, self.N, len(perms[0]), match.live_weights(labels, dead))
             M[s], U[s] = tuple(Ms), tuple(Us)
         for s, labels in self.labels.items():
             n = len(labels) // self.N
-            Ms, Us = match.matrices_from_labels(labels, self.N, n)
+            dead = self._dead(s)
+            weights = None if dead is None else match.live_weights(labels, dead)
+            Ms, Us = match.matrices_from_labels(labels, self.N, n, weights)
             M[s], U[s] = tuple(Ms), tuple(Us)
         order = [s for s in self._order if s in M]  # the order in which spaces were first matched
         return Alignment({s: M[s] for s in order}, {s: U[s] for s in order},
@@ -452,14 +513,15 @@ def _named_tensors(pg: PermutationGraph, models) -> list[Mapping[str, torch.Tens
 
 def solve(pg: PermutationGraph, stats: Optional[Statistics],
           tensors: Sequence[Union[nn.Module, Mapping[str, torch.Tensor]]], cfg: MatchConfig,
-          seed: int = 0) -> Alignment:
+          seed: int = 0, *, cache: Optional[SolveCache] = None) -> Alignment:
     """Match every free space of ``pg`` across the N models given (or their named tensors:
-    parameters and buffers by qualified name)."""
+    parameters and buffers by qualified name). Solves of one model set that pass the same
+    ``cache`` share their work (the result is the same with or without it)."""
     tensors = _named_tensors(pg, tensors)
     N = len(tensors)
     if cfg.match is None:
         return Alignment({}, {}, {}, N)
-    solver = _Solver(pg, stats, tensors, cfg)
+    solver = _Solver(pg, stats, tensors, cfg, cache)
     units = solve_units(pg)
     rng = np.random.default_rng(seed)
     # initialisation: activations alone when the method uses them, else weights with

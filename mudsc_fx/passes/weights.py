@@ -13,13 +13,13 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
-from scipy.linalg.blas import dsyrk as _dsyrk, ssyrk as _ssyrk
 from torch import nn
 
 from ..ir.graph import Member, PermutationGraph
 from ..ir.layout import spaces_of, transform_axis
+from ..numerics import pearson_rows_
 from .apply import SpaceOp, _expand_grouped
-from .stats import mirror_lower_, space_features
+from .stats import space_features
 
 
 class FeatureCache:
@@ -141,29 +141,7 @@ def unit_weight_features(pg: PermutationGraph, tensors: Mapping[str, torch.Tenso
 
 def pearson_rows(Z: torch.Tensor) -> np.ndarray:
     """Correlation between the rows of Z (float64 result); constant rows give 0 (no NaN)."""
-    return _pearson_rows(Z.clone())
-
-
-def _pearson_rows(Z: torch.Tensor) -> np.ndarray:
-    """:func:`pearson_rows`, overwriting Z (the same arithmetic, fewer temporaries)."""
-    Z -= Z.mean(dim=1, keepdim=True)
-    norm = Z.norm(dim=1)
-    dead = norm <= 1e-6 * max(float(norm.max()) if norm.numel() else 0.0, 1e-30)
-    Z /= torch.where(dead, torch.ones_like(norm), norm)[:, None]
-    C = _gram_rows(Z)
-    C[dead.numpy(), :] = 0.0
-    C[:, dead.numpy()] = 0.0
-    return np.clip(C, -1.0, 1.0, out=C)
-
-
-def _gram_rows(Z: torch.Tensor) -> np.ndarray:
-    """Z Z^T as a float64 array: BLAS syrk (one triangle: half a matmul's work), mirrored."""
-    syrk = {torch.float32: _ssyrk, torch.float64: _dsyrk}.get(Z.dtype)
-    if syrk is None or Z.shape[0] == 0 or Z.shape[1] == 0:
-        return (Z @ Z.T).double().numpy()
-    # Z (C order) seen as Z^T is Fortran-ordered: BLAS reads it in place; trans=1 gives Z Z^T
-    upper = syrk(1.0, Z.contiguous().numpy().T, trans=1, lower=0)  # Fortran, zeros below
-    return mirror_lower_(upper.T.astype(np.float64))  # C order: the valid part is the lower one
+    return pearson_rows_(Z.clone())[0]
 
 
 def weight_similarity(pg: PermutationGraph, tensors: list[Mapping[str, torch.Tensor]], s: int,
@@ -175,4 +153,4 @@ def weight_similarity(pg: PermutationGraph, tensors: list[Mapping[str, torch.Ten
                    for i, (t, op) in enumerate(zip(tensors, ops))], dim=0)
     if kind == "inner":
         return (Z.double() @ Z.double().T).numpy()
-    return _pearson_rows(Z)  # Z is our own concatenation
+    return pearson_rows_(Z)[0]  # Z is our own concatenation

@@ -16,8 +16,8 @@ from scipy.optimize import linear_sum_assignment
 from .zipit import units_per_model, zip_match
 
 __all__ = [
-    "align", "matrices_from_perms", "matrices_from_labels", "GroupAlignment", "group_align",
-    "group_zip",
+    "align", "matrices_from_perms", "matrices_from_labels", "perms_to_labels", "live_weights",
+    "GroupAlignment", "group_align", "group_zip",
 ]
 
 
@@ -56,11 +56,12 @@ def matrices_from_perms(perms: Sequence[np.ndarray]) -> tuple[list[np.ndarray], 
     return Ms, Us
 
 
-def matrices_from_labels(labels: np.ndarray, n_models: int,
-                         target: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def matrices_from_labels(labels: np.ndarray, n_models: int, target: int,
+                         weights: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """U_i (n, target): model i's units -> clusters; M_i (target, n) = U_i^T / cluster size.
 
     Sizes count members over all models, so sum_i M_i f_i is each cluster's mean feature.
+    ``weights`` (one per stacked unit, e.g. :func:`live_weights`) replace 1 / cluster size.
 
     >>> M, U = matrices_from_labels(np.array([0, 1, 0, 0]), 2, 2)
     >>> (M[0] @ [3., 6.] + M[1] @ [0., 3.]).tolist()
@@ -68,14 +69,51 @@ def matrices_from_labels(labels: np.ndarray, n_models: int,
     """
     labels = np.asarray(labels)
     n = labels.size // n_models
-    sizes = np.bincount(labels, minlength=target).astype(np.float64)
+    if weights is None:
+        sizes = np.bincount(labels, minlength=target).astype(np.float64)
+        weights = 1.0 / np.maximum(sizes, 1.0)[labels]
     Ms, Us = [], []
     for i in range(n_models):
         U = np.zeros((n, target))
         U[np.arange(n), labels[i * n:(i + 1) * n]] = 1.0
         Us.append(U)
-        Ms.append(U.T / np.maximum(sizes, 1.0)[:, None])
+        Ms.append(U.T * weights[i * n:(i + 1) * n][None, :])
     return Ms, Us
+
+
+def perms_to_labels(perms: Sequence[np.ndarray]) -> np.ndarray:
+    """A permutation matching as cluster labels of the N n stacked units (cluster k: anchor
+    unit k and the unit of every model matched to it).
+
+    >>> perms_to_labels([np.arange(2), np.array([1, 0])]).tolist()
+    [0, 1, 1, 0]
+    """
+    n = len(perms[0])
+    labels = np.empty(len(perms) * n, dtype=np.int64)
+    for i, p in enumerate(perms):
+        labels[i * n + np.asarray(p)] = np.arange(n)
+    return labels
+
+
+def live_weights(labels: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """Merge weight of every stacked unit: a cluster averages its live members only (units
+    that varied on the calibration data); a cluster without one averages all of them.
+
+    A unit that never varies adds nothing its model computes, but averaged into a live unit
+    its weights pull the merged unit towards its own constant (a dead ReLU unit: below zero,
+    so the merged unit fires less or not at all).
+
+    >>> live_weights(np.array([0, 1, 0, 1]), np.array([True, False, False, False])).tolist()
+    [0.0, 0.5, 1.0, 0.5]
+    """
+    labels, dead = np.asarray(labels), np.asarray(dead, dtype=bool)
+    k = int(labels.max()) + 1 if labels.size else 0
+    size = np.bincount(labels, minlength=k).astype(np.float64)
+    live = np.bincount(labels[~dead], minlength=k).astype(np.float64)
+    w = np.where(dead, 0.0, 1.0 / np.maximum(live, 1.0)[labels])
+    empty = live[labels] == 0
+    w[empty] = 1.0 / size[labels][empty]
+    return w
 
 
 # ---------------------------------------------------------------- block-structured spaces

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-__all__ = ["zip_match", "zip_match_reference", "units_per_model"]
+__all__ = ["zip_match", "zip_match_fast", "zip_match_reference", "units_per_model"]
 
 _NEG = -np.inf
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _merge_into(S, p, q, alive, a, counts):
     if a > 0:
         row = np.minimum(S[p], S[q])
         if a != 1.0:
-            if counts[p].max() >= 2:
+            if counts[p].max() >= 2 or counts[p].min() > 0:  # a duplicate, or every model: all pairs
                 row *= a
             else:  # discount the clusters that share a model with p or hold a duplicate
                 dup = (counts[:, counts[p] > 0] > 0).any(axis=1)
@@ -453,17 +453,29 @@ class _FastZip:
             self._restart_row(p)
 
 
+def zip_match_fast(C: np.ndarray, n_models: int, target: int | None = None,
+                   a: float = 0.5, b: float = 1.0) -> np.ndarray:
+    """:func:`zip_match_reference`'s labels in O(n^2 log n) (lazy invalidation, see _FastZip)."""
+    return _zip(C, n_models, target, a, b,
+                lambda S, prog, budget, a, k: _FastZip(S, prog, budget, a).run(k))
+
+
+# Below this many stacked units the naive loop's vectorised argmax beats the lazy greedy's
+# bookkeeping (measured: 4-5x faster at 2 x 32..128 units, even at 2 x 256, 1.6x slower at 2 x 512).
+_SMALL = 600
+
+
 def zip_match(C: np.ndarray, n_models: int, target: int | None = None,
               a: float = 0.5, b: float = 1.0) -> np.ndarray:
     """ZipIt greedy clustering of the N n stacked units into ``target`` (default n) clusters.
 
-    Same labels as :func:`zip_match_reference` in O(n^2 log n). Labels are numbered in order of
-    each cluster's smallest member; a cluster's model is that member's model (see the notes
-    above ``_symmetrized`` for budgets, masks and ties).
+    Labels are numbered in order of each cluster's smallest member; a cluster's model is that
+    member's model (see the notes above ``_symmetrized`` for budgets, masks and ties). Small
+    problems run the naive loop, large ones :func:`zip_match_fast`: the same labels.
 
     >>> C = np.array([[1., .2, .9, .1], [.2, 1., .1, .8], [.9, .1, 1., .3], [.1, .8, .3, 1.]])
     >>> zip_match(C, 2).tolist()
     [0, 1, 0, 1]
     """
-    return _zip(C, n_models, target, a, b,
-                lambda S, prog, budget, a, k: _FastZip(S, prog, budget, a).run(k))
+    small = np.asarray(C).shape[0] <= _SMALL
+    return (zip_match_reference if small else zip_match_fast)(C, n_models, target, a, b)

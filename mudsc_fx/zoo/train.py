@@ -20,6 +20,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -29,6 +30,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 __all__ = ["train", "finetune", "recipe", "RECIPES", "train_cached", "cache_path", "default_cache_dir", "last_run", "run_count",
            "skip_training"]
@@ -105,7 +108,7 @@ def train(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
           classes: Sequence[int] | None = None, epochs: int = 10, lr: float = 3e-3,
           batch_size: int = 128, seed: int = 0, optimizer: str = "adamw",
           weight_decay: float = 5e-4, schedule: str = "onecycle", label_smoothing: float = 0.0,
-          verbose: bool = False) -> nn.Module:
+          verbose: bool = False, on_epoch: Callable[[int, int, float, float], None] | None = None) -> nn.Module:
     """Train ``model`` in place on the samples of ``x, y`` whose label is in ``classes``.
 
     ``y`` holds global class ids; samples of other classes are dropped, so
@@ -118,6 +121,9 @@ def train(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
     of the steps), ``"cosine"`` (cosine decay to 0 from ``lr``) or
     ``"constant"``.  Batches are reshuffled each epoch by a generator seeded
     from ``seed``; a trailing batch of a single sample is dropped (BatchNorm).
+
+    ``verbose`` logs every epoch (logger ``mudsc_fx.zoo.train``); ``on_epoch(epoch, epochs, loss,
+    accuracy)`` is called after every epoch (progress reports).
 
     Returns ``model`` (the same object) in **eval** mode.  Timing and final
     loss/accuracy are left in :data:`last_run`.
@@ -177,8 +183,10 @@ def train(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 correct += float((logits.argmax(1) == tb).sum())
                 count += len(idx)
             if verbose:
-                print(f"  epoch {ep + 1}/{epochs}: loss {loss_sum / max(count, 1):.4f} "
-                      f"acc {100 * correct / max(count, 1):.1f}%  ({time.perf_counter() - t0:.1f}s)")
+                log.info("epoch %d/%d: loss %.4f acc %.1f%% (%.1fs)", ep + 1, epochs, loss_sum / max(count, 1),
+                         100 * correct / max(count, 1), time.perf_counter() - t0)
+            if on_epoch is not None:
+                on_epoch(ep + 1, epochs, loss_sum / max(count, 1), 100 * correct / max(count, 1))
     dt = time.perf_counter() - t0
     last_run.clear()
     last_run.update(seconds=dt, images=seen, images_per_s=seen / max(dt, 1e-9), steps=total,
