@@ -247,7 +247,7 @@ def _barrier_steps(program: Program) -> list[int]:
 def _has_barrier(pg: mf.PermutationGraph, k: int, op: str) -> bool:
     if op == "unruled.leaf":
         return any(b.op == f"module s{k}_m" for b in pg.barriers)
-    return any("fuzz_unruled" in b.op for b in pg.barriers)
+    return any("fuzz_unruled" in b.op for b in pg.barriers)  # each call: counted by the caller
 
 
 def run_program(program: Program, opts: Options = Options(), built=None) -> Outcome:
@@ -267,6 +267,10 @@ def run_program(program: Program, opts: Options = Options(), built=None) -> Outc
             if not _has_barrier(pg, k, program.steps[k].op):
                 return Outcome(status="missing_barrier", detail=f"step {k} ({program.steps[k].op}) is not a barrier",
                                **base, **stats)
+        wrapped = sum(1 for s in program.steps if s.op == "unruled.wrapped")
+        if sum(1 for b in pg.barriers if "fuzz_unruled" in b.op) < wrapped:
+            return Outcome(status="missing_barrier", detail=f"{wrapped} calls of fuzz_unruled, fewer barriers",
+                           **base, **stats)
         try:
             for s in opts.check_seeds:
                 rep = mf.check(model, inputs, seed=s, pg=pg, leaf_modules=LEAF_MODULES)
