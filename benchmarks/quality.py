@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import mudsc_fx as mf  # noqa: E402
 from mudsc_fx import zoo  # noqa: E402
 from mudsc_fx.alpha_search import DEFAULT_PROXY, PROXIES, model_outputs, probe_batches, probe_outputs  # noqa: E402
-from mudsc_fx.merge import has_batchnorm  # noqa: E402
+from mudsc_fx.passes.bn_reset import has_batchnorm  # noqa: E402
 from mudsc_fx.passes.stats import default_input_fn  # noqa: E402
 
 import quality_report as report  # noqa: E402

@@ -13,7 +13,8 @@ from .passes.infer import infer
 from .passes.solve import Alignment, MatchConfig, solve
 from .passes.stats import Statistics, collect_stats
 from .passes.rewrite import rewrite
-from .merge import PRESETS, Merger, MergeResult, align_models, merge, method_config, reset_bn
+from .merge import PRESETS, Merger, MergeResult, align_models, merge, method_config
+from .passes.bn_reset import reset_bn
 from .rules import register_rule
 from . import rules
 from .taskvec import EMRModel, emr_merge, task_arithmetic, ties_merge

@@ -265,7 +265,7 @@ def _batch_rows(batch: Any) -> int:
 def probe_outputs(model: nn.Module, probe: list, input_fn: Callable, reset: bool = True) -> torch.Tensor:
     """Outputs of a merged model on the probe batches; a model with BatchNorm gets its
     statistics recomputed on them (in place) in the same pass (outputs with batch statistics)."""
-    from .merge import has_batchnorm, reset_bn
+    from .passes.bn_reset import has_batchnorm, reset_bn
     if not (reset and has_batchnorm(model)):
         return model_outputs(model, probe, input_fn)
     outs: list = []

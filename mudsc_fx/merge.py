@@ -11,32 +11,29 @@ BatchNorm for one method, as often as wanted. ``merge(...)`` is the one-call for
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import math
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-import torch
-import torch.fx as fx
 from torch import nn
 
 from . import distributed
 from .alpha_search import pop_auto_options, search_alpha
 from .ir.graph import PermutationGraph
-from .ir.inputs import ModelCall, call_model, eval_mode, model_call
+from .ir.inputs import eval_mode, model_call
 from .ir.errors import TraceError
-from .ir.trace import untouched
 from .passes.apply import apply_permutations, named_tensors
+from .passes import bn_reset
 from .passes.check import Verification, verify as verify_graph
 from .passes.infer import infer
 from .passes.partial import Cut, build_partial, cost_report, find_cut, trunk_params
 from .passes.rewrite import rewrite
 from .passes.solve import Alignment, MatchConfig, SolveCache, solve
 from .passes.stats import STATS_BUDGET_BYTES, Statistics, collect_stats, default_input_fn
+from .validation import (CheckedBatches, check_bool, check_fixed_params, check_int, check_leaf_modules, check_real,
+                         small_example, validate_models)
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +49,6 @@ PRESETS: dict[str, MatchConfig] = {
 # per matching family: (activation-only row, dual-space row, weight-only row)
 _FAMILY = {"align": ("act_align", "mudsc_align", "rebasin"), "zip": ("zipit", "mudsc_zip", "weight_zip")}
 _ZIP_ONLY = ("zip_a", "zip_b", "zip_b_blocked")
-
-
-def _check_real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not lo <= float(value) <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 def _check_option_names(method: str, cfg: MatchConfig, overrides: dict) -> None:
@@ -90,15 +67,15 @@ def _check_option_names(method: str, cfg: MatchConfig, overrides: dict) -> None:
 
 
 def _check_match_options(cfg: MatchConfig) -> None:
-    _check_real("zip_a", cfg.zip_a, hi=1.0)
-    _check_real("zip_b", cfg.zip_b, 0.0, 1.0)
-    _check_real("zip_b_blocked", cfg.zip_b_blocked, 0.0, 1.0)
+    check_real("zip_a", cfg.zip_a, hi=1.0)
+    check_real("zip_b", cfg.zip_b, 0.0, 1.0)
+    check_real("zip_b_blocked", cfg.zip_b_blocked, 0.0, 1.0)
     if cfg.weight_kind not in ("pearson", "inner"):
         raise ValueError(f"weight_kind must be 'pearson' (MuDSC) or 'inner' (Git Re-Basin), got {cfg.weight_kind!r}")
-    _check_bool("weight_normalize", cfg.weight_normalize)
-    _check_bool("iterate", cfg.iterate)
-    _check_int("patience", cfg.patience, 1)
-    _check_int("max_sweeps", cfg.max_sweeps, 1)
+    check_bool("weight_normalize", cfg.weight_normalize)
+    check_bool("iterate", cfg.iterate)
+    check_int("patience", cfg.patience, 1)
+    check_int("max_sweeps", cfg.max_sweeps, 1)
 
 
 def method_config(method: Optional[str] = None, alpha: Optional[float] = None, match: Optional[str] = None,
@@ -127,7 +104,7 @@ def method_config(method: Optional[str] = None, alpha: Optional[float] = None, m
         raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[method]
     if alpha is not None:
-        alpha = _check_real("alpha", alpha, 0.0, 1.0)
+        alpha = check_real("alpha", alpha, 0.0, 1.0)
         if cfg.match is None:
             raise ValueError("method 'average' does not use alpha (it matches nothing)")
         fam = _FAMILY[cfg.match]
@@ -185,237 +162,6 @@ class MergeResult:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ validation
-def validate_models(models: Sequence[nn.Module], min_models: int = 2) -> None:
-    """Clear errors for inputs that cannot be merged (named model, parameter or problem)."""
-    if not isinstance(models, (list, tuple)):
-        raise TypeError(f"models must be a list of nn.Module, got {type(models).__name__}")
-    if len(models) < min_models:
-        raise ValueError(f"merging needs at least {min_models} models, got {len(models)}")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
-    ref = named_tensors(models[0])
-    ref_t = next((t for t in ref.values() if t.is_floating_point()), None)
-    for i, m in enumerate(models):
-        own = named_tensors(m)
-        for name in ref:
-            if name not in own:
-                raise ValueError(f"model {i} has no parameter/buffer {name!r} that model 0 has")
-            if own[name].shape != ref[name].shape:
-                raise ValueError(f"model {i} parameter {name!r} has shape {tuple(own[name].shape)}, "
-                                 f"model 0 has {tuple(ref[name].shape)}")
-        for name in own:
-            if name not in ref:
-                raise ValueError(f"model {i} has parameter/buffer {name!r} that model 0 does not have")
-        for name, t in own.items():
-            if t.is_meta:
-                raise ValueError(f"model {i} parameter {name!r} is on the meta device (no data): "
-                                 "materialise the model (load its weights) before merging")
-            if not t.is_floating_point():
-                continue
-            if ref_t is not None and (t.device != ref_t.device or t.dtype != ref_t.dtype):
-                raise ValueError(f"model {i} parameter {name!r} is {t.dtype} on {t.device}, but model 0 "
-                                 f"is {ref_t.dtype} on {ref_t.device}: move all models to one device and dtype")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"model {i} parameter {name!r} contains NaN or inf")
-    compare_structures(models)
-
-
-def _module_tree(model: nn.Module) -> list[tuple[str, str, str]]:
-    return [(name, type(m).__name__, m.extra_repr()) for name, m in model.named_modules()]
-
-
-def _graph_signature(model: nn.Module) -> Optional[list[tuple[str, ...]]]:
-    tracer = fx.Tracer()
-    try:
-        with untouched(model):
-            graph = tracer.trace(model)
-    except Exception:  # fx cannot trace it: the module trees are compared alone
-        return None
-    constants = {name: t for t, name in tracer.tensor_attrs.items()} if hasattr(tracer, "tensor_attrs") else {}
-    index = {n: k for k, n in enumerate(graph.nodes)}
-
-    def norm(a: Any) -> Any:
-        return fx.node.map_arg(a, lambda n: f"%{index[n]}")
-
-    def target(n: fx.Node) -> str:
-        if n.op == "get_attr" and n.target in constants:  # a tensor constant: compare its value
-            t = constants[n.target]
-            return f"constant {t.dtype} {tuple(t.shape)} {hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}"
-        if isinstance(n.target, str):
-            return n.target
-        return f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', repr(n.target))}"
-
-    return [(n.op, target(n), repr(norm(n.args)), repr(norm(n.kwargs)), n.format_node()) for n in graph.nodes]
-
-
-def compare_structures(models: Sequence[nn.Module]) -> None:
-    """Models must be one function family: the same module tree (types and settings) and,
-    when torch.fx traces them, the same graph. Class identity is not required (every fx
-    GraphModule has its own class)."""
-    tree0 = _module_tree(models[0])
-    for i, m in enumerate(models[1:], 1):
-        tree = _module_tree(m)
-        for a, b in zip(tree0, tree):
-            if a != b:
-                raise ValueError(f"model {i} differs from model 0 at module {b[0] or '(root)'!r}: "
-                                 f"{b[1]}({b[2]}) where model 0 has {a[1]}({a[2]}); merging needs one architecture")
-        if len(tree) != len(tree0):
-            raise ValueError(f"model {i} has {len(tree)} modules, model 0 has {len(tree0)}")
-    sig0 = _graph_signature(models[0])
-    if sig0 is None:
-        return
-    for i, m in enumerate(models[1:], 1):
-        sig = _graph_signature(m)
-        if sig is None:
-            raise ValueError(f"torch.fx traces model 0 but not model {i}: they are not one architecture")
-        for k, (a, b) in enumerate(zip(sig0, sig)):
-            if a[:4] != b[:4] and a[0] == b[0] == "get_attr" and a[1].startswith("constant"):
-                raise ValueError(f"model {i} holds a different tensor constant than model 0 at node {k} "
-                                 f"(`{b[4]}`): a plain tensor attribute used in forward is not merged, so it "
-                                 "must be equal in every model (register it as a buffer to merge it)")
-            if a[:4] != b[:4]:
-                raise ValueError(f"model {i} computes a different graph from model 0: node {k} is "
-                                 f"`{b[4]}` where model 0 has `{a[4]}`")
-        if len(sig) != len(sig0):
-            raise ValueError(f"model {i}'s graph has {len(sig)} nodes, model 0's has {len(sig0)}")
-
-
-def _input_signature(call: ModelCall) -> list[Any]:
-    """Per input (position or keyword name): rank, shape after the batch axis and dtype."""
-    inputs = list(enumerate(call.args)) + list(call.kwargs.items())
-    return [(k, (x.dim(), tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__)
-            for k, x in inputs]
-
-
-def _describe(sig: Any) -> str:
-    if isinstance(sig, tuple):
-        return f"a {sig[0]}-d {str(sig[2]).replace('torch.', '')} tensor of shape [batch, {', '.join(map(str, sig[1]))}]"
-    return f"a {sig}"
-
-
-class CheckedBatches:
-    """Calibration data that can be read several times, each batch's inputs checked against the
-    first batch's (rank, shape except the batch axis, dtype): a wrong batch gets a clear error
-    naming it, never a raw error from inside torch."""
-
-    def __init__(self, data: Iterable, input_fn: Callable):
-        if isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable):
-            raise TypeError("data must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-                            f"got {type(data).__name__}")
-        self.data = list(data) if iter(data) is data else data  # keep a generator's batches
-        self.input_fn = input_fn
-        self.first: Optional[ModelCall] = None
-        for batch in self.data:
-            self.first = model_call(input_fn(batch))
-            break
-        if self.first is None:
-            raise ValueError("the calibration data is empty")
-        self.signature = _input_signature(self.first)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self) -> Iterator:
-        for k, batch in enumerate(self.data):
-            sig = _input_signature(model_call(self.input_fn(batch)))
-            if sig != self.signature:
-                bad = next(j for j in range(max(len(sig), len(self.signature)))
-                           if j >= len(sig) or j >= len(self.signature) or sig[j] != self.signature[j])
-                got = _describe(sig[bad][1]) if bad < len(sig) else "nothing"
-                want = _describe(self.signature[bad][1]) if bad < len(self.signature) else "nothing"
-                which = (sig if bad < len(sig) else self.signature)[bad][0]
-                raise ValueError(f"calibration batch {k}: input {which!r} is {got}, but the first batch's is {want}; "
-                                 "every batch must match the first (except the batch size)")
-            yield batch
-
-
-def _small_example(inputs: ModelCall, n: int = 4) -> ModelCall:
-    """The first n samples of a batch (when every tensor input shares its leading size)."""
-    sizes: set[int] = set()
-    inputs.map_tensors(lambda x: sizes.add(x.shape[0]) if x.dim() > 0 else None)
-    if len(sizes) != 1 or sizes.pop() <= n:
-        return inputs
-    return inputs.map_tensors(lambda x: x[:n] if x.dim() > 0 else x)
-
-
-def _check_leaf_modules(leaf_modules: Any) -> tuple[type, ...]:
-    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable):
-        leaf_modules = (leaf_modules,)
-    out = tuple(leaf_modules)
-    for m in out:
-        if not (isinstance(m, type) and issubclass(m, nn.Module)):
-            raise ValueError(f"leaf_modules must be nn.Module subclasses (classes, not names or instances), "
-                             f"got {m!r}")
-    return out
-
-
-def _check_fixed_params(fixed_params: Any) -> tuple[str, ...]:
-    if isinstance(fixed_params, str):
-        fixed_params = (fixed_params,)
-    out = tuple(fixed_params)
-    for p in out:
-        if not isinstance(p, str):
-            raise ValueError(f"fixed_params must be parameter names (str), got {p!r}")
-    return out
-
-
-# ------------------------------------------------------------------------------ BatchNorm
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def reset_bn(model: nn.Module, data: Iterable, input_fn: Optional[Callable] = None, *,
-             outputs: Optional[list] = None) -> nn.Module:
-    """Recompute BatchNorm running statistics on ``data`` (cumulative average), in place;
-    returns ``model`` in eval mode. Models without BatchNorm are returned unchanged. With
-    ``outputs`` (a list), the model's output on every batch of the pass is appended to it
-    (computed with the batch statistics).
-
-    >>> # merged = mf.reset_bn(merged, loader)
-    """
-    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model
-    input_fn = input_fn or default_input_fn
-    saved = [(m, m.momentum) for _, m in bns]
-    for _, m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()  # dropout and friends stay off: only the statistics are recomputed
-    for _, m in bns:
-        m.train()
-    n = 0
-    sharding = distributed.resolve()  # under torch.distributed: this rank's batches, averaged below
-    try:
-        with distributed.together(sharding, "reset_bn"), torch.no_grad():
-            for batch in distributed.shard(data, sharding):
-                try:
-                    out = call_model(model, input_fn(batch))
-                    if outputs is not None:
-                        outputs.append(out)
-                except ValueError as e:
-                    if "more than 1 value per channel" in str(e):
-                        raise ValueError(f"reset_bn: calibration batch {n} gives BatchNorm one value per channel "
-                                         "(a batch of one sample?): use batches of at least 2 samples, or "
-                                         "reset_bn=False") from None
-                    raise
-                n += 1
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        model.eval()
-    n = distributed.average_batchnorm(model, n, sharding)
-    if n == 0:
-        raise ValueError("reset_bn: the data is empty")
-    for name, m in bns:
-        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
-            raise ValueError(f"reset_bn: the calibration data drives the statistics of BatchNorm {name!r} to "
-                             "inf/NaN (inputs far outside the model's range?); check the data or use reset_bn=False")
-    return model
-
-
 # ------------------------------------------------------------------------------ the pipeline
 class Merger:
     """Staged merging: the models are validated, traced, inferred and proven once; statistics
@@ -433,11 +179,11 @@ class Merger:
                  leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (), verify: bool = True,
                  stats_budget_bytes: int = STATS_BUDGET_BYTES, progress: bool = False, frontend: str = "auto"):
         t = time.perf_counter()
-        self.leaf_modules = _check_leaf_modules(leaf_modules)
-        self.fixed_params = _check_fixed_params(fixed_params)
-        self.stats_budget_bytes = _check_int("stats_budget_bytes", stats_budget_bytes, 1)
-        self.progress = _check_bool("progress", progress)
-        _check_bool("verify", verify)
+        self.leaf_modules = check_leaf_modules(leaf_modules)
+        self.fixed_params = check_fixed_params(fixed_params)
+        self.stats_budget_bytes = check_int("stats_budget_bytes", stats_budget_bytes, 1)
+        self.progress = check_bool("progress", progress)
+        check_bool("verify", verify)
         if input_fn is not None and not callable(input_fn):
             raise ValueError(f"input_fn must be callable, got {input_fn!r}")
         validate_models(models)
@@ -457,7 +203,7 @@ class Merger:
             self.seconds["infer"] = time.perf_counter() - t
             self.verification: Optional[Verification] = None
             if verify:
-                self.verification = verify_graph(self.models[0], graph, _small_example(example))
+                self.verification = verify_graph(self.models[0], graph, small_example(example))
                 self.seconds["verify"] = self.verification.seconds
                 graph = self.verification.graph
                 if self.verification.failing_spaces:
@@ -502,11 +248,11 @@ class Merger:
                                 combine=combine, **auto, **options)
         cfg = method_config(method, alpha, match, **options)
         method = method or (_FAMILY[match][1] if match else "mudsc_zip")
-        seed = _check_int("seed", seed)
-        _check_bool("reset_bn", reset_bn)
+        seed = check_int("seed", seed)
+        check_bool("reset_bn", reset_bn)
         graph, cut = self.graph, None
         if stop_at is not None:
-            cut = find_cut(self.graph, stop_at, _small_example(self.example))
+            cut = find_cut(self.graph, stop_at, small_example(self.example))
             read = trunk_params(self.graph, cut)
             after = [s for group in graph.motion_groups()  # groups move together: all or nothing
                      if not any(m.fqn in read for s in group for m in graph.spaces[s].members) for s in group]
@@ -529,12 +275,12 @@ class Merger:
             seconds["rewrite"] = time.perf_counter() - t
         t = time.perf_counter()
         merged.eval()
-        if reset_bn and self.data is not None and has_batchnorm(merged):
+        if reset_bn and self.data is not None and bn_reset.has_batchnorm(merged):
             # a partial merge resets its tails too: they now read the merged trunk's features
             # (ResNet-20x2 BN on digits, zip cut after layer1: Joint 61.9 trunk only, 74.2 all)
-            globals()["reset_bn"](merged, self.data, self.input_fn)
+            bn_reset.reset_bn(merged, self.data, self.input_fn)
         seconds["reset_bn"] = time.perf_counter() - t
-        cost = None if cut is None else cost_report(self.graph, merged, _small_example(self.example))
+        cost = None if cut is None else cost_report(self.graph, merged, small_example(self.example))
         log.info("merge %s: %s", method, ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
         return MergeResult(merged, graph, alignment, stats, seconds, cfg, method,
                            cfg.alpha if cfg.match is not None else None, self.verification, cut=cut, cost=cost)
