@@ -29,7 +29,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,17 +43,6 @@ METHODS = ("zipit", "mudsc_zip")
 FULL = [("mnist", "resnet20", {"width": 2}, ["layer1", "layer2", "layer3.0", "layer3.1", "layer3"]),
         ("mnist", "vit", {}, ["blocks.0", "blocks.1", "blocks.2", "blocks.3"])]
 QUICK = [("digits", "resnet20", {"width": 2}, ["layer1", "layer2", "layer3"])]
-
-
-class ProbSum(nn.Module):
-    """The partially merged module scored like the ensemble: sum over tails of softmax(head)."""
-
-    def __init__(self, partial: nn.Module, head: nn.Module):
-        super().__init__()
-        self.partial, self.head = partial, head
-
-    def forward(self, x):
-        return sum(torch.softmax(self.head(e), dim=-1) for e in self.partial(x))
 
 
 def run(cfgs, pairs: int, log) -> list[dict]:
@@ -91,7 +79,7 @@ def run(cfgs, pairs: int, log) -> list[dict]:
                 for stop in stops:
                     t = time.perf_counter()
                     res = merger.merge(method, stop_at=stop)
-                    r = zoo.evaluate(ProbSum(res.model, head).eval(), nn.Identity(), ds.x_test, ds.y_test, tasks)
+                    r = ev(res.model)  # the tails' probabilities summed, like the ensemble
                     add(f"{method} stop {stop}", r, method=method, stop=stop,
                         flops_vs_one=round(res.cost["flops_vs_one"], 3),
                         params_vs_one=round(res.cost["params_vs_one"], 3), seconds=round(time.perf_counter() - t, 2))

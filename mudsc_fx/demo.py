@@ -18,6 +18,7 @@ import torch
 
 DEMO_ARCHS = {"digits": ("resnet20", {"width": 2}), "mnist": ("resnet20", {"width": 2})}
 AUTO_METHODS = ("mudsc_align", "mudsc_zip")
+PARTIAL_STOP = 0.5  # partial zipping: merge the first half of the FLOPs
 
 
 def _train_models(ds, head, arch_name, kw, tasks, seed, log):
@@ -99,12 +100,27 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
         r = rows[-1]
         log(f"  {name}: Joint {r['joint']:.1f}, Avg {r['avg']:.1f}" + (f", alpha {res.alpha:g}" if alpha else "")
             + f" ({dt:.1f}s)")
+    # partial zipping: the merged trunk up to half of the FLOPs, each model's own tail after it
+    best = next((r["alpha"] for r in rows if r["method"] == "mudsc_zip (auto)"), None)
+    name = f"mudsc_zip, partial (half the FLOPs merged{'' if best is None else ', auto alpha'})"
+    log(f"merging [{len(todo) + 1}/{len(todo) + 1}] {name}")
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = merger.merge("mudsc_zip", best, seed=seed, stop_at=PARTIAL_STOP)
+    dt = time.perf_counter() - t
+    score(name, part.model, dt, best)  # the tails' probabilities summed, like the ensemble
+    rows[-1]["flops_vs_one"] = round(part.cost["flops_vs_one"], 2)
+    rows[-1]["cut"] = part.cut.stop
+    log(f"  {name}: Joint {rows[-1]['joint']:.1f}, Avg {rows[-1]['avg']:.1f}, cut after {part.cut.stop!r}, "
+        f"{part.cost['flops_vs_one']:.2f}x the FLOPs of one model ({dt:.1f}s)")
     graph = merger.graph
     timings["merge (all methods)"] = time.perf_counter() - t0 - timings["train (or load cached)"]
     picture = render_graph(graph, out / "permutation_graph.png",
                            title=f"{arch_name} permutation graph: {len(graph.free_spaces)}/{len(graph.spaces)} "
                                  f"spaces free, coverage {graph.coverage():.2f}")
     views.write_html(res, out / "permutation_graph.html", title=f"{arch_name} merged with {res.method}")
+    views.write_html(part, out / "partial_merge.html", title=f"{arch_name}, {name}")
     (out / "permutation_graph.dot").write_text(graph.to_dot())
     (out / "permutation_graph.json").write_text(graph.to_json())
     timings["total"] = time.perf_counter() - t0
@@ -118,7 +134,7 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
     log("")
     log("stage seconds per method: " + "; ".join(
         f"{m}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for m, s in stage_times.items()))
-    log(f"wrote {out / 'results.md'}, {picture} (and .html/.dot/.json); total {timings['total']:.1f}s")
+    log(f"wrote {out / 'results.md'}, {picture} (and .html/.dot/.json, partial_merge.html); total {timings['total']:.1f}s")
     return result
 
 
@@ -127,6 +143,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         s = "" if r["seconds"] is None else f"{r['seconds']:.2f}"
         name = r["method"] + ("" if r.get("alpha") is None else f", alpha {r['alpha']:g}")
+        if r.get("cut"):
+            name += f", cut after {r['cut']}, {r['flops_vs_one']:.2f}x FLOPs"
         lines.append(f"| {name} | {r['joint']:.1f} | {r['avg']:.1f} | {r['task_a']:.1f} | {r['task_b']:.1f} | {s} |")
     return "\n".join(lines)
 

@@ -98,6 +98,9 @@ def build(source: Any, *, title: str = "", fold: str = "auto", row_width: float 
     if result is not None:
         subtitle += f"; merged with {describe_config(result)}: per space method, mean matched correlation, " \
                     "units zipped within one model"
+        cut = getattr(result, "cut", None)
+        if cut is not None:
+            subtitle += f"; partial merge: trunk merged up to {cut.stop!r}, spaces after it kept per model (separate)"
     return arrange(ol, items, title=title or "permutation graph", subtitle=subtitle, matches=matches,
                    row_width=row_width)
 

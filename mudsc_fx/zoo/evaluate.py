@@ -12,7 +12,9 @@ Metrics (all in percent), for ``tasks`` = a list of disjoint class-id sequences:
 * ``avg``: mean of ``task_accs``.
 
 ``backbone`` may be one model or a list/tuple of models; a list is scored
-with :func:`ensemble_logits` (the ensemble reference of the paper).
+with :func:`ensemble_logits` (the ensemble reference of the paper). A model
+whose output is a tuple of embeddings (a partially zipped model: one per
+tail) is scored like the ensemble, by the sum of the tails' probabilities.
 """
 from __future__ import annotations
 
@@ -42,17 +44,24 @@ def eval_mode(*modules: nn.Module):
 
 @torch.no_grad()
 def embed(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """``model(x)`` in eval mode under no_grad, batched; restores the model's mode."""
+    """``model(x)`` in eval mode under no_grad, batched; restores the model's mode. A model
+    returning a tuple of embeddings gives a tuple of them."""
     with eval_mode(model):
         outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    if outs and isinstance(outs[0], (tuple, list)):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs) if outs else x.new_zeros((0, getattr(model, "out_dim", 0)))
 
 
 @torch.no_grad()
 def logits(model: nn.Module, head: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits over all ``head.num_classes`` classes, ``[N, num_classes]``."""
+    """Logits over all ``head.num_classes`` classes, ``[N, num_classes]``; for a model with
+    several outputs (a partially zipped model's tails), the sum of their probabilities."""
     with eval_mode(head):
-        return head(embed(model, x, batch_size))
+        e = embed(model, x, batch_size)
+        if isinstance(e, tuple):
+            return sum(head(t).softmax(-1) for t in e)
+        return head(e)
 
 
 @torch.no_grad()
