@@ -1,4 +1,4 @@
-"""Stage 5: rewrite N aligned models into one (DESIGN.md, "Merge math").
+"""Stage 5: rewrite N aligned models into one (docs/design.md, "Merge math").
 
 For model i every governed axis is transformed (M_i on `out` axes, U_i on `in` axes) and the
 results are summed; a tensor with no aligned `out` axis gets an explicit 1/N.

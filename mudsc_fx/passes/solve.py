@@ -1,4 +1,4 @@
-"""Stage 4: match units across models, per space (ALGORITHMS.md, "Matching Psi").
+"""Stage 4: match units across models, per space (docs/algorithms.md, "Matching").
 
 ``solve`` turns similarities into an :class:`Alignment`: per space and model a merge matrix
 M_i and an unmerge matrix U_i. Plain spaces are matched alone; blocked spaces that share a

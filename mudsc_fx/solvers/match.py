@@ -1,4 +1,4 @@
-"""Matching solvers Psi (ALGORITHMS.md, "Matching Psi"): permutation alignment, block (head,
+"""Matching solvers Psi (docs/algorithms.md, "Matching"): permutation alignment, block (head,
 group) alignment, and the merge / unmerge matrices of a matching. Pure numpy/scipy, no torch;
 the zip greedy lives in :mod:`.zipit`.
 

@@ -1,4 +1,4 @@
-"""ZipIt's greedy zip matching (ALGORITHMS.md, "Matching Psi"): pure numpy, no torch.
+"""ZipIt's greedy zip matching (docs/algorithms.md, "Zip"): pure numpy, no torch.
 
 Units of N models are stacked: in an (N n, N n) similarity C, model i owns rows i*n:(i+1)*n.
 :func:`zip_match` clusters the N n units into ``target`` clusters in O(n^2 log n);
