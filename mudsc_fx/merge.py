@@ -156,6 +156,9 @@ class MergeResult:
                  + ("" if self.alpha is None else f" (alpha {self.alpha:g})"),
                  f"coverage {self.coverage:.3f}: {len(g.free_spaces)} of {len(g.spaces)} spaces free, "
                  f"{len(g.barriers)} barriers, {len(self.frozen_spaces)} spaces frozen by verification"]
+        if self.alpha_scores:
+            lines.append("alpha search (alpha: score): " + ", ".join(
+                f"{a:g}: {v:.4f}" for a, v in sorted(self.alpha_scores.items())) + f"; chose {self.alpha:g}")
         if self.frozen_spaces:
             lines.append("frozen (failed the equivalence check): " + ", ".join(
                 f"S{s} ({', '.join(m.fqn for m in g.spaces[s].members[:3]) or 'no members'})" for s in self.frozen_spaces))

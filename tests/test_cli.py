@@ -71,6 +71,30 @@ def test_merge_checkpoints(tmp_path, suffix, capsys):
     assert "merged 2 models with zipit" in capsys.readouterr().out
 
 
+def test_merge_alpha_auto_prints_the_search(tmp_path, capsys):
+    ck = _checkpoints(tmp_path, 2)
+    out = tmp_path / "auto.pt"
+    rc = main(["merge", "--arch", CNN, "--checkpoints", *ck, "--data", "cli_models:calibration",
+               "--method", "mudsc_zip", "--alpha", "auto", "--alpha-grid", "0,0.5,1", "-o", str(out)])
+    assert rc == 0 and out.exists()
+    text = capsys.readouterr().out
+    line = next(ln for ln in text.splitlines() if ln.startswith("alpha search"))
+    assert "0: " in line and "0.5: " in line and "1: " in line and "chose" in line
+    chosen = float(line.rsplit("chose ", 1)[1])
+    assert f"(alpha {chosen:g})" in text
+    base = ["merge", "--arch", CNN, "--checkpoints", *ck, "--data", "cli_models:calibration", "-o", str(out)]
+    for argv, message in [
+        (base + ["--method", "zipit", "--alpha", "auto"], "--alpha auto chooses alpha for the dual-space methods"),
+        (base + ["--method", "mudsc_zip", "--alpha-grid", "0,1"], "--alpha-grid applies to --alpha auto only"),
+        (base + ["--method", "mudsc_zip", "--alpha", "auto", "--alpha-grid", "0,2"], "alpha_grid values must be"),
+    ]:
+        assert main(argv) == 2, argv
+        assert message in _one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        main(base + ["--method", "mudsc_zip", "--alpha", "often"])
+    assert "expected a number in [0, 1] or 'auto'" in capsys.readouterr().err
+
+
 def test_merge_data_free_and_task_vectors(tmp_path, capsys):
     ck = _checkpoints(tmp_path, 3)
     out = tmp_path / "r.pt"

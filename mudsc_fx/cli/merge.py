@@ -48,6 +48,22 @@ def _flag(option_name: str) -> str:
     return "--" + option_name.replace("_", "-")
 
 
+def _alpha(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0,0.5,1, got {text!r}") from None
+
+
 def add_parser(sub) -> None:
     from ..merge import PRESETS
     s = sub.add_parser("merge", help="merge checkpoints of one architecture",
@@ -57,7 +73,10 @@ def add_parser(sub) -> None:
                                   "needed by the matching methods and by --heads auto")
     s.add_argument("--checkpoints", nargs="+", required=True, help=f"checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
     s.add_argument("--method", default="mudsc_zip", choices=list(PRESETS) + list(_task_vector_methods()))
-    s.add_argument("--alpha", type=float, help="matching methods: weight of the weight similarity, in [0, 1]")
+    s.add_argument("--alpha", type=_alpha, help="matching methods: weight of the weight similarity, in [0, 1], or "
+                                               "'auto' (chosen from a grid without labels, on the --data inputs)")
+    s.add_argument("--alpha-grid", type=_grid, help="with --alpha auto: the alphas to try, e.g. 0,0.25,0.5,0.75,1 "
+                                                    "(default 0, 0.1, ..., 1)")
     s.add_argument("--data", help="calibration inputs: a .pt tensor, a .npy array, a .npz holding one array (or one "
                                   "named 'x'), or module:function returning an iterable of batches")
     s.add_argument("--base", help="task-vector methods: the checkpoint the others were fine-tuned from")
@@ -176,7 +195,17 @@ def _run_matching(args) -> int:
             return fail(f"{flag} applies to the task-vector methods, not --method {args.method}")
     if not args.arch:
         return fail(f"--method {args.method} needs --arch (the model the checkpoints belong to)")
-    config = method_config(args.method, args.alpha)  # bad alpha / method: before any work
+    auto = args.alpha == "auto"
+    if args.alpha_grid is not None and not auto:
+        return fail("--alpha-grid applies to --alpha auto only")
+    search = {"alpha_grid": args.alpha_grid} if auto and args.alpha_grid is not None else {}
+    config = method_config(args.method, None if auto else args.alpha)  # bad alpha / method: before any work
+    if auto and not (config.uses_weights and config.uses_activations):
+        return fail(f"--alpha auto chooses alpha for the dual-space methods (mudsc_align, mudsc_zip), "
+                    f"not --method {args.method}")
+    if auto:
+        from ..alpha_search import check_grid
+        check_grid(args.alpha_grid)
     output = check_output_path(args.output, CHECKPOINT_SUFFIXES, "-o")
     from .. import views
     report = check_output_path(args.report, views.FILE_SUFFIXES, "--report") if args.report else None
@@ -192,7 +221,7 @@ def _run_matching(args) -> int:
     with distributed.process_group_from_env() as sharding:  # torchrun: ranks share the statistics
         main = distributed.is_main(sharding)
         merger = Merger(models, data, example_inputs=example, progress=main)
-        result = merger.merge(args.method, args.alpha, seed=args.seed)
+        result = merger.merge(args.method, args.alpha, seed=args.seed, **search)
     if main:  # rank 0 writes
         write_state_dict(result.model.state_dict(), output)
         print(result.summary())
@@ -231,8 +260,8 @@ def _run_task_vectors(args) -> int:
         if name not in known:
             flags = ", ".join(_flag(n) for n in sorted(known)) or "none"
             return fail(f"{_flag(name)} does not apply to --method {args.method} (its options: {flags})")
-    if args.alpha is not None or args.report:
-        flag = "--alpha" if args.alpha is not None else "--report"
+    if args.alpha is not None or args.alpha_grid is not None or args.report:
+        flag = "--alpha" if args.alpha is not None else "--alpha-grid" if args.alpha_grid is not None else "--report"
         return fail(f"{flag} applies to the matching methods, not --method {args.method}")
     options = method.resolve(given)
     output = check_output_path(args.output, method.output_suffixes, "-o")
