@@ -4,7 +4,8 @@
     mudsc-fx demo --out /tmp/demo && cp /tmp/demo/results.json benchmarks/results/demo.json
 
 Each table lives between HTML-comment markers in README.md (``<!-- demo-table -->`` ...
-``<!-- /demo-table -->``, ``<!-- quality-table -->`` ... ``<!-- /quality-table -->``); only the
+``<!-- /demo-table -->``, ``<!-- quality-table -->`` ... ``<!-- /quality-table -->``,
+``<!-- partial-table -->`` ... from ``results/partial.json``); only the
 text between the markers is replaced.
 """
 from __future__ import annotations
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
     text = readme.read_text()
     if Path(args.demo).exists():
         text = replace_between(text, "demo-table", demo_section(json.loads(Path(args.demo).read_text())))
+    partial = Path(args.quality).with_name("partial.json")
+    if partial.exists():
+        data = json.loads(partial.read_text())
+        text = replace_between(text, "partial-table", "\n".join(report.partial_section(data["summary"], data["seconds"])))
     if Path(args.quality).exists():
         text = replace_between(text, "quality-table", quality_section(json.loads(Path(args.quality).read_text())))
     readme.write_text(text)
