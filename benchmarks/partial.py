@@ -41,7 +41,7 @@ import quality_report as report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("zipit", "mudsc_zip")
-FULL = [("mnist", "resnet20", {"width": 2}, ["layer1", "layer2", "layer3.0", "layer3.1", "layer3"]),
+FULL = [("mnist", "resnet20", {"width": 2}, ["layer1", "layer2.0", "layer2.1", "layer2", "layer3.0", "layer3.1", "layer3"]),
         ("mnist", "vit", {}, ["blocks.0", "blocks.1", "blocks.2", "blocks.3"])]
 QUICK = [("digits", "resnet20", {"width": 2}, ["layer1", "layer2", "layer3"])]
 
