@@ -10,6 +10,7 @@ BatchNorm for one method, as often as wanted. ``merge(...)`` is the one-call for
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -36,6 +37,10 @@ from .validation import (CheckedBatches, check_bool, check_fixed_params, check_i
                          small_example, validate_models)
 
 log = logging.getLogger(__name__)
+
+#: options of :class:`Merger` (the models' stage) that ``merge`` and ``align_models`` pass on
+STAGED_OPTIONS = ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend",
+                  "recompute_input_bn")
 
 PRESETS: dict[str, MatchConfig] = {
     "average": MatchConfig(match=None, alpha=0.0, iterate=False),
@@ -180,7 +185,8 @@ class Merger:
     def __init__(self, models: Sequence[nn.Module], data: Optional[Iterable] = None, *,
                  example_inputs: Any = None, input_fn: Optional[Callable[[Any], Any]] = None,
                  leaf_modules: Iterable[type] = (), fixed_params: Iterable[str] = (), verify: bool = True,
-                 stats_budget_bytes: int = STATS_BUDGET_BYTES, progress: bool = False, frontend: str = "auto"):
+                 stats_budget_bytes: int = STATS_BUDGET_BYTES, progress: bool = False, frontend: str = "auto",
+                 recompute_input_bn: bool = False):
         t = time.perf_counter()
         self.leaf_modules = check_leaf_modules(leaf_modules)
         self.fixed_params = check_fixed_params(fixed_params)
@@ -189,10 +195,17 @@ class Merger:
         check_bool("verify", verify)
         if input_fn is not None and not callable(input_fn):
             raise ValueError(f"input_fn must be callable, got {input_fn!r}")
+        check_bool("recompute_input_bn", recompute_input_bn)
         validate_models(models)
         self.models = tuple(models)
         self.input_fn = input_fn or default_input_fn
         self.data = None if data is None else CheckedBatches(data, self.input_fn)
+        if recompute_input_bn and any(bn_reset.has_batchnorm(m) for m in self.models):
+            # as the reference MuDSC code does: every model's BatchNorm statistics recomputed on
+            # the calibration data (on copies) before anything is measured or merged
+            if self.data is None:
+                raise ValueError("recompute_input_bn needs calibration data")
+            self.models = tuple(bn_reset.reset_bn(copy.deepcopy(m), self.data, self.input_fn) for m in self.models)
         if self.data is not None:
             example = self.data.first
         elif example_inputs is not None:
@@ -310,7 +323,9 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     ``alpha``: weight of the weight similarity (0 = activations only, 1 = weights only), or
     "auto" (``alpha_grid=``, ``val_data=`` / ``score_fn=``: see :meth:`Merger.merge`).
     ``options``: MatchConfig fields (``zip_a``, ``zip_b``, ``weight_normalize``, ...) and
-    ``leaf_modules``, ``fixed_params``, ``frontend``, ``stats_budget_bytes``, ``verify``, ``progress``. The
+    ``leaf_modules``, ``fixed_params``, ``frontend``, ``stats_budget_bytes``, ``verify``, ``progress``,
+    ``recompute_input_bn`` (recompute the models' BatchNorm statistics on the calibration data,
+    on copies, before statistics and weights are read, as the reference MuDSC code does). The
     graph is proven on the first batch before anything is merged. The inputs are never
     modified. For the merge's report (coverage, frozen spaces, alignment) use :class:`Merger`.
     A model that torch.fx cannot trace as a whole (a detector's per-image loops) is merged by
@@ -322,7 +337,7 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     >>> merged(torch.randn(1, 4)).shape
     torch.Size([1, 2])
     """
-    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend")
+    staged = {k: options.pop(k) for k in STAGED_OPTIONS
               if k in options}
     partial = {k: options.pop(k) for k in ("stop_at", "combine") if k in options}
     auto = pop_auto_options(alpha, options)
@@ -334,8 +349,8 @@ def merge(models: Sequence[nn.Module], data: Optional[Iterable] = None, method: 
     try:
         merger = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged)
     except TraceError as e:  # traces nowhere as a whole: merge its traced submodules (warns, reports)
-        if partial or alpha == "auto":
-            raise
+        if partial or alpha == "auto" or staged.pop("recompute_input_bn", False):
+            raise  # not offered by the compositional fallback
         from .passes.compose import merge_compositional
         staged.pop("frontend", None)  # the units are traced on their own
         return merge_compositional(models, data, method, alpha, reset_bn, seed, input_fn, unit_merger=Merger,
@@ -356,7 +371,7 @@ def align_models(models: Sequence[nn.Module], data: Optional[Iterable] = None, m
     cfg = method_config(method, None if alpha == "auto" else alpha)
     if cfg.match != "align":
         raise ValueError(f"align_models needs a permutation method (act_align, mudsc_align, rebasin), got {method!r}")
-    staged = {k: options.pop(k) for k in ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend")
+    staged = {k: options.pop(k) for k in STAGED_OPTIONS
               if k in options}
     res = Merger(models, data, example_inputs=example_inputs, input_fn=input_fn, **staged).merge(
         method, alpha, reset_bn=alpha == "auto", seed=seed, **auto, **options)  # auto scores the real merge

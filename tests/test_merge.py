@@ -353,3 +353,33 @@ def test_weight_pearson_matches_numpy():
         ref[7, :] = ref[:, 7] = 0.0
         np.testing.assert_allclose(got, ref, atol=1e-6 if dtype == torch.float32 else 1e-12)
         assert np.array_equal(got, got.T) and got.dtype == np.float64
+
+
+def test_recompute_input_bn_works_on_copies_and_recomputes_every_model():
+    """recompute_input_bn (the reference MuDSC code's step): the Merger's models have their
+    BatchNorm statistics recomputed on the calibration data; the caller's models keep theirs."""
+    from mudsc_fx.passes.bn_reset import reset_bn
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+    models = [net().eval() for _ in range(2)]
+    for m in models:  # statistics unlike the calibration data's
+        m[1].running_mean.fill_(3.0)
+        m[1].running_var.fill_(0.25)
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    merger = mf.Merger(models, data, recompute_input_bn=True)
+    for m, sd in zip(models, before):  # inputs untouched
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    for m, own in zip(merger.models, models):
+        ref = reset_bn(copy.deepcopy(own), data)
+        assert torch.allclose(m[1].running_mean, ref[1].running_mean)
+        assert torch.allclose(m[1].running_var, ref[1].running_var)
+        assert not torch.allclose(m[1].running_mean, own[1].running_mean)
+    merged = merger.merge("zipit", reset_bn=False).model
+    x = torch.randn(2, 3, 8, 8)
+    assert merged(x).shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="recompute_input_bn must be"):
+        mf.Merger(models, data, recompute_input_bn="yes")
