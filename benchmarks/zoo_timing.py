@@ -3,7 +3,7 @@ and the memory of its workers. Run it alone (it is a heavy job):
 
     flock /tmp/mudsc_heavy.lock python benchmarks/zoo_timing.py [--zoo torchvision] [--jobs 2] [--runs 1]
 
-Prints a table and writes ``benchmarks/results/zoo_timing.json``: per pair of runs the serial
+Prints a table and writes ``benchmarks/results/zoo_timing.json`` (and ``.md``): per pair of runs the serial
 and parallel wall time and their ratio (the median pair is the headline), whether the rows
 are identical (measurements aside), the largest worker RSS and the largest sum of RSS over
 the whole process tree (this process and its workers) sampled every 0.2 s.
@@ -102,12 +102,38 @@ def main() -> int:
               "tree_rss_mb": max(p["tree_rss_mb_parallel"] for p in pairs),
               "load_avg_at_end": os.getloadavg()[0], "pairs": pairs}
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n| zoo | jobs=1 s | jobs={args.jobs} s | ratio | identical | worker peak GB | tree peak GB |")
-    print("|---|---:|---:|---:|---|---:|---:|")
-    print(f"| {args.zoo} | {result['serial_s']:.0f} | {result['parallel_s']:.0f} | {result['ratio']:.2f} | "
-          f"{result['identical']} | {result['peak_rss_mb'] / 1024:.2f} ({result['peak_model']}) | "
-          f"{result['tree_rss_mb'] / 1024:.2f} |")
+    table = markdown(result, serial, parallel)
+    Path(args.output).with_suffix(".md").write_text(table)
+    print("\n" + table)
     return 0
+
+
+def markdown(result: dict, serial, parallel, top: int = 8) -> str:
+    """The headline table, the pairs, and the models with the largest worker peaks."""
+    j = result["jobs"]
+    lines = [f"# Zoo sweep: `--jobs 1` against `--jobs {j}` ({result['zoo']}, {result['date']})", "",
+             f"Back to back in one run (`benchmarks/zoo_timing.py`), on a shared 2-core machine under the "
+             f"heavy-job lock; load average {result['load_avg_at_end']:.2f} at the end.", "",
+             f"| zoo | jobs=1 s | jobs={j} s | ratio | identical rows | worker peak GB | process tree peak GB |",
+             "|---|---:|---:|---:|---|---:|---:|",
+             f"| {result['zoo']} | {result['serial_s']:.0f} | {result['parallel_s']:.0f} | {result['ratio']:.3f} | "
+             f"{result['identical']} | {result['peak_rss_mb'] / 1024:.2f} ({result['peak_model']}) | "
+             f"{result['tree_rss_mb'] / 1024:.2f} |", ""]
+    if len(result["pairs"]) > 1:
+        lines += ["| pair | jobs=1 s | jobs=J s | ratio |", "|---:|---:|---:|---:|"]
+        lines += [f"| {i + 1} | {p['serial_s']} | {p['parallel_s']} | {p['ratio']} |" for i, p in enumerate(result["pairs"])]
+        lines += [""]
+    rows = sorted((r for r in parallel if r.peak_rss_mb), key=lambda r: -r.peak_rss_mb)[:top]
+    serial_rss = {r.model: r.peak_rss_mb for r in serial}
+    lines += [f"Largest worker peaks (last pair): RSS high-water mark of the worker that checked the model.", "",
+              "| model | parameters | status | peak GB (jobs=1) | peak GB (jobs=J) | seconds (jobs=J) |",
+              "|---|---:|---|---:|---:|---:|"]
+    lines += [f"| {r.model} | {(r.n_params or 0) / 1e6:.1f}M | {r.status} | "
+              f"{(serial_rss.get(r.model) or 0) / 1024:.2f} | {r.peak_rss_mb / 1024:.2f} | {r.seconds:.1f} |" for r in rows]
+    counts = {s: sum(r.status == s for r in parallel) for s in ("ok", "FAIL", "error", "skipped")}
+    lines += ["", f"Models: {len(parallel)} ({counts['ok']} ok, {counts['FAIL']} FAIL, {counts['error']} error, "
+                  f"{counts['skipped']} skipped over the parameter limit)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 eval mode, its default input size, batch 1). HEAVY (tens of CPU-minutes): run it under the
 shared lock.
 
-    flock /tmp/mudsc_heavy.lock python benchmarks/zoo_timm_draw.py            # draw + check, writes JSON
+    flock /tmp/mudsc_heavy.lock python benchmarks/zoo_timm_draw.py --jobs 2   # draw + check, writes JSON
     python benchmarks/zoo_timm_draw.py --draw-only                             # just print the draw
     flock /tmp/mudsc_heavy.lock python benchmarks/zoo_timm_draw.py --only crossvit_9_240,mobilevit_xs --update
 
@@ -18,6 +18,7 @@ import collections
 import gc
 import json
 import logging
+import multiprocessing as mp
 import random
 import sys
 import time
@@ -103,6 +104,23 @@ def check_one(entry: dict, seed: int = 0) -> dict:
     return row
 
 
+def _check_in_worker(job: tuple) -> dict:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return check_one(*job)
+
+
+def _rows(todo: list[dict], seed: int, jobs: int):
+    """Rows in draw order as they finish; with ``jobs`` > 1 each model runs in a fresh forked
+    worker (no memory carried from one model to the next)."""
+    if jobs == 1:
+        for e in todo:
+            yield check_one(e, seed)
+        return
+    with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+        yield from pool.imap(_check_in_worker, [(e, seed) for e in todo])
+
+
 def summarize(rows: list[dict]) -> dict:
     ok = [r for r in rows if r["status"] == "ok"]
     cov = sorted(r["coverage"] for r in ok)
@@ -127,9 +145,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated drawn models to (re)check")
     p.add_argument("--update", action="store_true", help="merge the rows into the existing JSON")
     p.add_argument("--json", default=str(OUT))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, one torch thread each, a fresh process per model (1: in this process, 2 threads)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if args.jobs == 1 else 1)
     import timm
     entries = draw(args.seed, args.n, args.max_params)
     if args.draw_only:
@@ -139,9 +159,8 @@ def main(argv=None) -> int:
     todo = entries if not args.only else [e for e in entries if e["model"] in set(args.only.split(","))]
     path = Path(args.json)
     old = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if args.update and path.exists() else {}
-    for e in todo:
-        row = check_one(e, args.seed)
-        old[e["model"]] = row
+    for row in _rows(todo, args.seed, args.jobs):
+        old[row["model"]] = row
         print(f"{row['model']:<44} {row['status']:<12} cov {row.get('coverage', '-')!s:<7} "
               f"barriers {row.get('barriers', '-')!s:<4} {row['seconds']:>6}s  {row.get('error') or ''}"[:220],
               flush=True)
