@@ -1,7 +1,7 @@
 """Every torchvision detection model merged end-to-end through the compositional fallback
 (random weights, small images). HEAVY: run it under the shared lock.
 
-    flock /tmp/mudsc_heavy.lock python benchmarks/zoo_detection.py              # all, writes JSON
+    flock /tmp/mudsc_heavy.lock python benchmarks/zoo_detection.py --jobs 2     # all, writes JSON
     flock /tmp/mudsc_heavy.lock python benchmarks/zoo_detection.py --only ssdlite320_mobilenet_v3_large --update
 
 Per model: the plan (largest traced submodules, each proven on its own inputs, all proven
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import time
 import warnings
@@ -92,6 +93,27 @@ def run_one(name: str, size: int = 96) -> dict:
     return row
 
 
+def _run_safely(job: tuple) -> dict:
+    name, size, threads = job
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        return run_one(name, size)
+    except Exception as e:  # one broken model must not hide the others
+        return {"model": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400],
+                "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _rows(names: list[str], size: int, jobs: int):
+    """Rows in list order as they finish; with ``jobs`` > 1 each model in a fresh forked worker."""
+    if jobs == 1:
+        for name in names:
+            yield _run_safely((name, size, 2))
+        return
+    with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+        yield from pool.imap(_run_safely, [(n, size, 1) for n in names])
+
+
 def main(argv=None) -> int:
     import torchvision
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,18 +121,17 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--update", action="store_true")
     p.add_argument("--json", default=str(OUT))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, one torch thread each, a fresh process per model (1: here, 2 threads)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if args.jobs == 1 else 1)
     names = torchvision.models.list_models(module=torchvision.models.detection)
     if args.only:
         names = [n for n in names if n in set(args.only.split(","))]
     path = Path(args.json)
     rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if args.update and path.exists() else {}
-    for name in names:
-        try:
-            row = run_one(name, args.size)
-        except Exception as e:  # one broken model must not hide the others
-            row = {"model": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
+    for row in _rows(names, args.size, args.jobs):
+        name = row["model"]
         rows[name] = row
         print(f"{name:<40} ok={row['ok']} merged {row.get('report', {}).get('merged_fraction', 0):.3f} of params, "
               f"merge-back err {row.get('merge_back_max_abs_err', '-')}, {row.get('seconds', '-')} s "
