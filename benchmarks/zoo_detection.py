@@ -93,6 +93,34 @@ def run_one(name: str, size: int = 96) -> dict:
     return row
 
 
+def markdown(result: dict) -> str:
+    """One row per model, then each model's composition report."""
+    rows = result["rows"]
+    ok = sum(bool(r.get("ok")) for r in rows)
+    lines = [f"# torchvision detection models through the compositional fallback", "",
+             f"torchvision {result['torchvision']}, random weights, {result['size']}-pixel images, score "
+             f"threshold 0. **{ok} of {len(rows)} merged end-to-end** (whole-model proof < 1e-8, a permuted "
+             f"copy merged back with act_align gives the original detections within 1e-4, two independent "
+             f"inits merged with zipit give finite detections).", "",
+             "| model | traced units | merged params | only averaged | whole-model proof err | merge-back err | "
+             "independent merge finite | s | ok |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        rep = r.get("report") or {}
+        if not rep:
+            lines.append(f"| {r['model']} | | | | | | | {r.get('seconds', '')} | error: {r.get('error', '')[:160]} |")
+            continue
+        err = rep.get("max_abs_err")
+        lines.append(f"| {r['model']} | {len(rep.get('units', []))} | {rep.get('merged_fraction', 0):.1%} | "
+                     f"{rep.get('averaged_params', 0):,} | {err if err is None else f'{err:.1e}'} | "
+                     f"{r.get('merge_back_max_abs_err', float('nan')):.1e} | {r.get('independent_finite')} | "
+                     f"{r.get('seconds')} | {r.get('ok')} |")
+    for r in rows:
+        if "summary" in r:
+            lines += ["", f"## {r['model']}", "", "```", r["summary"], "```"]
+    return "\n".join(lines) + "\n"
+
+
 def _run_safely(job: tuple) -> dict:
     name, size, threads = job
     torch.set_num_threads(threads)
@@ -120,10 +148,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated model names")
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--update", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
     p.add_argument("--json", default=str(OUT))
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes, one torch thread each, a fresh process per model (1: here, 2 threads)")
     args = p.parse_args(argv)
+    if args.render:
+        Path(args.json).with_suffix(".md").write_text(markdown(json.loads(Path(args.json).read_text())))
+        return 0
     torch.set_num_threads(2 if args.jobs == 1 else 1)
     names = torchvision.models.list_models(module=torchvision.models.detection)
     if args.only:
@@ -138,6 +170,7 @@ def main(argv=None) -> int:
               f"{row.get('error', '')}", flush=True)
         path.write_text(json.dumps({"torchvision": torchvision.__version__, "size": args.size,
                                     "rows": [rows[n] for n in sorted(rows)]}, indent=1))
+    Path(args.json).with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
     for r in rows.values():
         if "summary" in r:
             print("\n" + r["summary"])

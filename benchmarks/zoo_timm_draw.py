@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--max-params", type=float, default=60e6)
     p.add_argument("--draw-only", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
     p.add_argument("--only", help="comma-separated drawn models to (re)check")
     p.add_argument("--update", action="store_true", help="merge the rows into the existing JSON")
     p.add_argument("--json", default=str(OUT))
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(2 if args.jobs == 1 else 1)
+    if args.render:
+        Path(args.json).with_suffix(".md").write_text(markdown(json.loads(Path(args.json).read_text())))
+        return 0
     import timm
     entries = draw(args.seed, args.n, args.max_params)
     if args.draw_only:
@@ -173,8 +177,31 @@ def main(argv=None) -> int:
         "draw": [e["model"] for e in entries], "summary": summarize(rows), "rows": rows,
     }
     path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown(result))
     print(json.dumps(result["summary"]))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The summary and one row per drawn model."""
+    s = result["summary"]
+    lines = [f"# timm: a seeded random draw of {s['drawn']} architectures", "",
+             f"Draw: {result['rule']} (timm {result['timm']}, torch {result['torch']}).", "",
+             f"**{s['proven']} of {s['drawn']} proven**, {s['equivalence_failures']} equivalence failures, "
+             f"{s['untraceable']} untraceable, {s['errors']} errors; coverage median {s['coverage_median']}, "
+             f"mean {s['coverage_mean']}, {s['coverage_1.0']} at 1.0; {s['with_conventions']} traced with "
+             f"timm's conventions (leaf modules / wrapped functions).", "",
+             "| model | params | input | status | coverage | barriers | barrier ops | conventions | s |",
+             "|---|---:|---|---|---:|---:|---|---|---:|"]
+    for r in result["rows"]:
+        cov = f"{r['coverage']:.3f}" if r.get("coverage") is not None else ""
+        ops = [f"{k} x{v}" for k, v in (r.get("barrier_ops") or {}).items()]
+        ops = ", ".join(ops[:2]) + (f", +{len(ops) - 2} more" if len(ops) > 2 else "")
+        conv = "; ".join(r.get("conventions") or [])
+        status = r["status"] if r["status"] in ("ok", "FAIL") else f"{r['status']}: {(r.get('error') or '')[:120]}"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['input']} | {status} | {cov} | "
+                     f"{r.get('barriers', '')} | {ops} | {conv} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
