@@ -15,6 +15,7 @@ from .passes.stats import Statistics, collect_stats
 from .passes.rewrite import rewrite
 from .merge import PRESETS, Merger, MergeResult, align_models, merge, method_config
 from .passes.bn_reset import reset_bn
+from .methods import register_method
 from .rules import register_rule
 from . import rules
 from .taskvec import EMRModel, emr_merge, task_arithmetic, ties_merge
@@ -23,4 +24,4 @@ from . import views  # pictures and pages of a graph or a merge (matplotlib only
 __all__ = ["trace", "infer", "check", "collect_stats", "solve", "rewrite", "reset_bn", "merge", "align_models",
            "method_config", "apply_permutations", "random_permutations", "emr_merge", "task_arithmetic",
            "ties_merge", "EMRModel", "PermutationGraph", "Space", "Member", "Tap", "Barrier", "CheckReport",
-           "TraceError", "Statistics", "Alignment", "MatchConfig", "MergeResult", "Merger", "PRESETS", "register_rule", "rules", "views"]
+           "TraceError", "Statistics", "Alignment", "MatchConfig", "MergeResult", "Merger", "PRESETS", "register_method", "register_rule", "rules", "views"]

@@ -11,11 +11,10 @@ BatchNorm for one method, as often as wanted. ``merge(...)`` is the one-call for
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from torch import nn
@@ -33,98 +32,15 @@ from .passes.partial import Cut, build_partial, cost_report, find_cut, trunk_par
 from .passes.rewrite import rewrite
 from .passes.solve import Alignment, MatchConfig, SolveCache, solve
 from .passes.stats import STATS_BUDGET_BYTES, Statistics, collect_stats, default_input_fn
-from .validation import (CheckedBatches, check_bool, check_fixed_params, check_int, check_leaf_modules, check_real,
+from .validation import (CheckedBatches, check_bool, check_fixed_params, check_int, check_leaf_modules,
                          small_example, validate_models)
+from .methods import PRESETS, _FAMILY, method_config, register_method  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 #: options of :class:`Merger` (the models' stage) that ``merge`` and ``align_models`` pass on
 STAGED_OPTIONS = ("leaf_modules", "fixed_params", "stats_budget_bytes", "verify", "progress", "frontend",
                   "recompute_input_bn")
-
-PRESETS: dict[str, MatchConfig] = {
-    "average": MatchConfig(match=None, alpha=0.0, iterate=False),
-    "rebasin": MatchConfig(match="align", alpha=1.0, iterate=True, weight_kind="inner", patience=1),
-    "act_align": MatchConfig(match="align", alpha=0.0, iterate=False),
-    "mudsc_align": MatchConfig(match="align", alpha=0.5, iterate=True),
-    "zipit": MatchConfig(match="zip", alpha=0.0, iterate=False),
-    "weight_zip": MatchConfig(match="zip", alpha=1.0, iterate=True),
-    "mudsc_zip": MatchConfig(match="zip", alpha=0.5, iterate=True),
-}
-# per matching family: (activation-only row, dual-space row, weight-only row)
-_FAMILY = {"align": ("act_align", "mudsc_align", "rebasin"), "zip": ("zipit", "mudsc_zip", "weight_zip")}
-_ZIP_ONLY = ("zip_a", "zip_b", "zip_b_blocked")
-
-
-def _check_option_names(method: str, cfg: MatchConfig, overrides: dict) -> None:
-    valid = {f.name for f in dataclasses.fields(MatchConfig)} - {"match", "alpha"}
-    for key in overrides:
-        if key not in valid:
-            raise ValueError(f"unknown merge option {key!r}; valid options: {', '.join(sorted(valid))}, "
-                             "leaf_modules, fixed_params, frontend, stats_budget_bytes, verify, progress")
-    if cfg.match != "zip":
-        for key in _ZIP_ONLY:
-            if key in overrides:
-                raise ValueError(f"{key} applies to the zip methods ({', '.join(_FAMILY['zip'])}), "
-                                 f"not to method {method!r}")
-    if cfg.match is None and overrides:
-        raise ValueError(f"method 'average' matches nothing: options {sorted(overrides)} mean nothing for it")
-
-
-def _check_match_options(cfg: MatchConfig) -> None:
-    check_real("zip_a", cfg.zip_a, hi=1.0)
-    check_real("zip_b", cfg.zip_b, 0.0, 1.0)
-    check_real("zip_b_blocked", cfg.zip_b_blocked, 0.0, 1.0)
-    if cfg.weight_kind not in ("pearson", "inner"):
-        raise ValueError(f"weight_kind must be 'pearson' (MuDSC) or 'inner' (Git Re-Basin), got {cfg.weight_kind!r}")
-    check_bool("weight_normalize", cfg.weight_normalize)
-    check_bool("iterate", cfg.iterate)
-    check_int("patience", cfg.patience, 1)
-    check_int("max_sweeps", cfg.max_sweeps, 1)
-
-
-def method_config(method: Optional[str] = None, alpha: Optional[float] = None, match: Optional[str] = None,
-                  **overrides: Any) -> MatchConfig:
-    """Resolve a preset name (or ``match=`` "align"/"zip") and ``alpha`` to a MatchConfig.
-
-    ``alpha`` weighs the weight similarity. The dual-space rows (mudsc_align, mudsc_zip) take
-    any alpha in [0, 1]; 0 and 1 are the family's single-space rows. The single-space rows
-    (act_align, zipit: alpha 0; rebasin, weight_zip: alpha 1) and average accept no other
-    alpha: such a combination means nothing and is an error.
-
-    >>> method_config("mudsc_zip", 0.3).alpha
-    0.3
-    """
-    if match is not None:
-        if match not in _FAMILY:
-            raise ValueError(f"unknown match {match!r}; choose 'align' or 'zip'")
-        if method is None:
-            method = _FAMILY[match][1]
-        elif method not in _FAMILY[match]:
-            raise ValueError(f"match={match!r} contradicts method={method!r} (a "
-                             f"{PRESETS[method].match if method in PRESETS else 'unknown'} method); "
-                             f"{match} methods are {', '.join(_FAMILY[match])}")
-    method = "mudsc_zip" if method is None else method
-    if not isinstance(method, str) or method not in PRESETS:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(PRESETS)}")
-    cfg = PRESETS[method]
-    if alpha is not None:
-        alpha = check_real("alpha", alpha, 0.0, 1.0)
-        if cfg.match is None:
-            raise ValueError("method 'average' does not use alpha (it matches nothing)")
-        fam = _FAMILY[cfg.match]
-        if method != fam[1]:
-            if alpha != cfg.alpha:
-                raise ValueError(f"method {method!r} is the {'activation' if cfg.alpha == 0 else 'weight'}-only row "
-                                 f"(alpha={cfg.alpha:g}); for alpha={alpha:g} use method {fam[1]!r}")
-        elif alpha in (0.0, 1.0):
-            cfg = PRESETS[fam[0] if alpha == 0.0 else fam[2]]
-        else:
-            cfg = replace(cfg, alpha=alpha)
-    _check_option_names(method, cfg, overrides)
-    cfg = replace(cfg, **overrides) if overrides else cfg
-    _check_match_options(cfg)
-    return cfg
 
 
 @dataclass(frozen=True)

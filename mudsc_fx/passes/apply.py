@@ -2,7 +2,9 @@
 
 :func:`transform_params` is the one place where per-space operations meet parameter
 tensors; permuting a model (``apply_permutations``) and merging models (``rewrite``) are
-both thin callers of it.
+both thin callers of it. :class:`AlignmentOps` turns a matching (permutations or zip
+clusters, :mod:`.alignment`) into those per-space operations: gathers and segment sums, never
+a product with a dense n x n matrix.
 """
 from __future__ import annotations
 
@@ -15,9 +17,99 @@ from torch import nn
 
 from ..ir.graph import Member, PermutationGraph
 from ..ir.layout import transform_axis
+from .alignment import SpaceMatching
 
 # space_op(space id, tensor, axis, role) -> tensor with that axis transformed
 SpaceOp = Callable[[int, torch.Tensor, int, str], torch.Tensor]
+
+
+class AlignmentOps:
+    """Per-model space operations for a matching: a gather for a permutation, a segment sum
+    (``index_add``) for zip clusters: the product with M_i or U_i^T without the zeros.
+    ``op(i)`` is the SpaceOp of model i for merging, ``feature_op(i)`` for weight features."""
+
+    def __init__(self, n_models: int, dtype: torch.dtype = torch.float64):
+        self.N, self.dtype = n_models, dtype
+        self.perm: list[dict[int, torch.Tensor]] = [{} for _ in range(n_models)]
+        self.cluster: list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = [{} for _ in range(n_models)]
+
+    def set_matching(self, s: int, m: SpaceMatching) -> None:
+        """Space s merged by ``m``: model i by a gather when its units are a permutation with
+        plain 1/N weights, else by a weighted segment sum."""
+        self.remove(s)
+        for i in range(self.N):
+            if m.perms is not None and (m.weights[i] == 1.0 / self.N).all():
+                self.perm[i][s] = torch.as_tensor(m.perms[i], dtype=torch.long)
+            else:
+                self.cluster[i][s] = (torch.as_tensor(m.labels[i], dtype=torch.long),
+                                      torch.as_tensor(m.weights[i], dtype=self.dtype), m.size)
+
+    def set_perms(self, s: int, perms) -> None:
+        """Permutation matching of space s (M_i = P_i / N, U_i = P_i^T)."""
+        self.remove(s)
+        for i in range(self.N):
+            self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
+
+    def set_labels(self, s: int, labels) -> None:
+        """Zip matching of space s from the cluster labels of the N n stacked units (target n)."""
+        labels = np.asarray(labels)
+        self.set_matching(s, SpaceMatching.from_labels(labels, self.N, labels.size // self.N))
+
+    def remove(self, s: int) -> None:
+        for i in range(self.N):
+            self.perm[i].pop(s, None)
+            self.cluster[i].pop(s, None)
+
+    def feature_op(self, i: int) -> "SpaceOp":
+        """Model i's space operations for weight features (MuDSC's Z, Git Re-Basin's cost):
+        a neighbour's `in` axis by N M_i, its `out` axis by U_i^T, as the reference MuDSC code
+        projects them. For a permutation both are the plain permutation (no 1/N); for a zip
+        cluster an `in` axis gets N / size times the sum of model i's members, an `out` axis
+        their sum."""
+        perm, cluster, N = self.perm[i], self.cluster[i], self.N
+
+        def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
+            idx = perm.get(s)
+            if idx is not None:
+                return t.index_select(axis, idx)
+            cl = cluster.get(s)
+            if cl is None:
+                return t
+            labels, weights, k = cl
+            if role == "in":
+                t = t * _along(N * weights, t, axis)
+            return _segment_sum(t, axis, labels, k)
+        return apply
+
+    def op(self, i: int) -> "SpaceOp":
+        """Model i's space operations for merging: `out` axes by M_i, `in` axes by U_i^T."""
+        perm, cluster, N = self.perm[i], self.cluster[i], self.N
+
+        def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
+            idx = perm.get(s)
+            if idx is not None:
+                out = t.index_select(axis, idx)
+                return out / N if role == "out" else out
+            cl = cluster.get(s)
+            if cl is None:
+                return t
+            labels, weights, k = cl
+            if role == "out":  # M t: weighted sum of each cluster's units
+                t = t * _along(weights, t, axis)
+            return _segment_sum(t, axis, labels, k)  # role "in": U^T t
+        return apply
+
+
+def _along(v: torch.Tensor, t: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    return v.to(t.dtype).view(shape)
+
+
+def _segment_sum(t: torch.Tensor, axis: int, labels: torch.Tensor, k: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[axis] = k
+    return t.new_zeros(shape).index_add_(axis, labels, t)
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Stage 4: match units across models, per space (docs/algorithms.md, "Matching").
 
-``solve`` turns similarities into an :class:`Alignment`: per space and model a merge matrix
-M_i and an unmerge matrix U_i. Plain spaces are matched alone; blocked spaces that share a
+``solve`` turns similarities into an :class:`Alignment`: per space the permutations (align) or
+cluster labels (zip) of the N models' units, from which the merge and unmerge matrices M_i,
+U_i follow. Plain spaces are matched alone; blocked spaces that share a
 head permutation (q/k and v of one attention layer, a GroupNorm space) are matched together
 by group alignment. MuDSC's iteration (Algorithm 1) and Git Re-Basin's coordinate descent
 are the same loop with different similarities and patience.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from ..ir.graph import PermutationGraph
-from ..solvers import match, zipit
-from .apply import SpaceOp, named_tensors
+from ..solvers import match
+from ..solvers.families import Matching, matcher_for, objective
+from .alignment import Alignment, SpaceMatching
+from .apply import AlignmentOps, named_tensors
 from .stats import Statistics
 from .weights import FeatureCache, weight_similarity
 
@@ -51,19 +54,6 @@ class MatchConfig:
 
 
 @dataclass(frozen=True)
-class Alignment:
-    """Per space s: ``M[s][i]`` (n_merged x n) and ``U[s][i]`` (n x n_merged) for model i;
-    ``perms[s][i]`` for permutation matchings (perm[k] = unit of model i matched to anchor
-    unit k). Spaces without an entry are merged by plain averaging (identity)."""
-    M: Mapping[int, tuple[np.ndarray, ...]]
-    U: Mapping[int, tuple[np.ndarray, ...]]
-    perms: Mapping[int, tuple[np.ndarray, ...]]
-    n_models: int
-    objective: tuple[float, ...] = ()
-    sweeps: int = 0
-
-
-@dataclass(frozen=True)
 class SolveUnit:
     """Spaces matched in one step: one plain space, or the blocked spaces of one head."""
     spaces: tuple[int, ...]
@@ -87,161 +77,6 @@ def solve_units(pg: PermutationGraph) -> list[SolveUnit]:
     for h, spaces in by_head.items():
         units.append(SolveUnit(tuple(spaces), head=h))
     return units
-
-
-def _cluster_form(M: np.ndarray, U: np.ndarray):
-    """(labels, weights) when U is a 0/1 assignment of the n units to clusters (one 1 per row)
-    and M = diag-scaled U^T (M[labels[j], j] = weights[j], zeros elsewhere), as zip produces;
-    None for any other pair of matrices."""
-    M, U = np.asarray(M), np.asarray(U)
-    n, k = U.shape
-    if M.shape != (k, n) or n == 0:
-        return None
-    labels = U.argmax(axis=1)
-    rows = np.arange(n)
-    if np.count_nonzero(U) != n or not (U[rows, labels] == 1.0).all():
-        return None
-    weights = M[labels, rows]
-    expected = np.zeros_like(M)
-    expected[labels, rows] = weights
-    if not np.array_equal(M, expected):
-        return None
-    return labels, weights
-
-
-def _plain_perm(M: np.ndarray, U: np.ndarray, perm: np.ndarray, N: int) -> bool:
-    """Whether M = P / N and U = P^T for the permutation ``perm`` (P[k, perm[k]] = 1)."""
-    M, U, perm = np.asarray(M), np.asarray(U), np.asarray(perm)
-    n = perm.size
-    if M.shape != (n, n) or U.shape != (n, n):
-        return False
-    k = np.arange(n)
-    return (np.count_nonzero(M) == n and np.count_nonzero(U) == n and (M[k, perm] == 1.0 / N).all()
-            and (U[perm, k] == 1.0).all())
-
-
-class AlignmentOps:
-    """Per-model space operations for the current matching: a gather for permutations, a
-    segment sum for zip clusters (the product with M or U^T, without the zeros), a matrix
-    product for any other M, U. ``op(i)`` is the SpaceOp of model i (see apply.py)."""
-
-    def __init__(self, n_models: int, dtype: torch.dtype = torch.float64):
-        self.N, self.dtype = n_models, dtype
-        self.perm: list[dict[int, torch.Tensor]] = [{} for _ in range(n_models)]
-        self.mat: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n_models)]
-        self.cluster: list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = [{} for _ in range(n_models)]
-
-    def set(self, s: int, M, U, perms=None) -> None:
-        for i in range(self.N):
-            self.perm[i].pop(s, None)
-            self.mat[i].pop(s, None)
-            self.cluster[i].pop(s, None)
-            if perms is not None and _plain_perm(M[i], U[i], perms[i], self.N):
-                # M_i = P_i / N, U_i = P_i^T: gather, then scale out-axes by the 1/N factor of M
-                self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
-                continue
-            form = _cluster_form(M[i], U[i])
-            if form is not None:
-                labels, weights = form
-                self.cluster[i][s] = (torch.as_tensor(labels, dtype=torch.long),
-                                      torch.as_tensor(weights, dtype=self.dtype), np.asarray(M[i]).shape[0])
-            else:
-                self.mat[i][s] = (torch.as_tensor(M[i], dtype=self.dtype),
-                                  torch.as_tensor(U[i], dtype=self.dtype).T.contiguous())
-
-    def set_perms(self, s: int, perms) -> None:
-        """Permutation matching of space s (M_i = P_i / N, U_i = P_i^T), without the matrices."""
-        self.remove(s)
-        for i in range(self.N):
-            self.perm[i][s] = torch.as_tensor(np.asarray(perms[i]), dtype=torch.long)
-
-    def set_labels(self, s: int, labels) -> None:
-        """Zip matching of space s from the cluster labels of the N n stacked units (target n),
-        the same operation as ``set`` with :func:`match.matrices_from_labels`."""
-        self.remove(s)
-        labels = np.asarray(labels)
-        n = labels.size // self.N
-        weights = 1.0 / np.maximum(np.bincount(labels, minlength=n).astype(np.float64), 1.0)
-        for i in range(self.N):
-            lab = labels[i * n:(i + 1) * n]
-            self.cluster[i][s] = (torch.as_tensor(lab, dtype=torch.long),
-                                  torch.as_tensor(weights[lab], dtype=self.dtype), n)
-
-    def remove(self, s: int) -> None:
-        for i in range(self.N):
-            self.perm[i].pop(s, None)
-            self.mat[i].pop(s, None)
-            self.cluster[i].pop(s, None)
-
-    def feature_op(self, i: int) -> SpaceOp:
-        """Model i's space operations for weight features (MuDSC's Z, Git Re-Basin's cost):
-        a neighbour's `in` axis by N M_i, its `out` axis by U_i^T, as the reference MuDSC code
-        projects them. For a permutation both are the plain permutation (no 1/N); for a zip
-        cluster an `in` axis gets N / size times the sum of model i's members, an `out` axis
-        their sum."""
-        perm, mat, cluster, N = self.perm[i], self.mat[i], self.cluster[i], self.N
-
-        def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
-            idx = perm.get(s)
-            if idx is not None:
-                return t.index_select(axis, idx)
-            cl = cluster.get(s)
-            if cl is not None:
-                labels, weights, k = cl
-                if role == "in":
-                    shape = [1] * t.dim()
-                    shape[axis] = -1
-                    t = t * (N * weights).to(t.dtype).view(shape)
-                shape = list(t.shape)
-                shape[axis] = k
-                return t.new_zeros(shape).index_add_(axis, labels, t)
-            pair = mat.get(s)
-            if pair is None:
-                return t
-            A = N * pair[0] if role == "in" else pair[1]
-            moved = t.movedim(axis, 0)
-            res = (A.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape((A.shape[0],) + moved.shape[1:])
-            return res.movedim(0, axis)
-        return apply
-
-    def op(self, i: int) -> SpaceOp:
-        """Model i's space operations for merging: `out` axes by M_i, `in` axes by U_i^T."""
-        perm, mat, cluster, N = self.perm[i], self.mat[i], self.cluster[i], self.N
-
-        def apply(s: int, t: torch.Tensor, axis: int, role: str) -> torch.Tensor:
-            idx = perm.get(s)
-            if idx is not None:
-                out = t.index_select(axis, idx)
-                return out / N if role == "out" else out
-            cl = cluster.get(s)
-            if cl is not None:
-                labels, weights, k = cl
-                if role == "out":  # M t: weighted sum of each cluster's units
-                    shape = [1] * t.dim()
-                    shape[axis] = -1
-                    t = t * weights.to(t.dtype).view(shape)
-                shape = list(t.shape)
-                shape[axis] = k
-                return t.new_zeros(shape).index_add_(axis, labels, t)  # role "in": U^T t
-            pair = mat.get(s)
-            if pair is None:
-                return t
-            A = pair[0] if role == "out" else pair[1]
-            moved = t.movedim(axis, 0)
-            res = (A.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape((A.shape[0],) + moved.shape[1:])
-            return res.movedim(0, axis)
-        return apply
-
-
-def _objective_align(C: np.ndarray, perms: list[np.ndarray]) -> float:
-    n = len(perms[0])
-    return float(np.mean([C[np.arange(n), i * n + p].mean() for i, p in enumerate(perms) if i > 0]))
-
-
-def _objective_zip(C: np.ndarray, labels: np.ndarray) -> float:
-    same = labels[:, None] == labels[None, :]
-    np.fill_diagonal(same, False)
-    return float(C[same].mean()) if same.any() else 0.0
 
 
 def _content_key(kind: bytes, arrays) -> bytes:
@@ -294,7 +129,10 @@ class _Solver:
         cache = cache or SolveCache()
         cache.bind(pg, tensors, stats)
         self._cache = cache.units
-        self._options = (cfg.match, cfg.zip_a, cfg.zip_b, cfg.zip_b_blocked, cfg.weight_kind, cfg.weight_normalize)
+        self.matcher = matcher_for(cfg.match)
+        # what a unit's matching depends on besides alpha and its inputs: the family (and its
+        # matcher) and every option but the iteration's
+        self._options = (self.matcher, replace(cfg, alpha=0.0, iterate=True, patience=1, max_sweeps=1))
         self._read: Optional[set] = None
         self._calls: Optional[list] = None
         self.features = cache.features
@@ -357,69 +195,28 @@ class _Solver:
         return score
 
     def _match(self, unit: SolveUnit, Cs: list[np.ndarray], alpha: float) -> float:
-        N, cfg = self.N, self.cfg
+        """Match a unit through its family's :class:`Matcher`; the score is the mean similarity
+        of the units put together."""
+        pg, N, cfg, matcher = self.pg, self.N, self.cfg, self.matcher
         if unit.head is None:
             s, C = unit.spaces[0], Cs[0]
-            if cfg.match == "align":
-                perms = match.align(C, N)
-                self._set_perms(s, perms)
-                return _objective_align(C, perms)
-            labels = zipit.zip_match(C, N, self.pg.size(s), a=cfg.zip_a, b=cfg.zip_b)
-            self._set_labels(s, labels)
-            return _objective_zip(C, labels)
-        return self._match_blocks(unit, Cs)
-
-    def _match_blocks(self, unit: SolveUnit, Cs: list[np.ndarray]) -> float:
-        pg, N, cfg = self.pg, self.N, self.cfg
+            m = matcher.space(C, N, pg.size(s), cfg)
+            self._set(s, m)
+            return objective(C, m)
         sp = [pg.spaces[s] for s in unit.spaces]
         G = sp[0].blocks[0]
-        gs = [s.blocks[1] for s in sp]
-        wid = [s.within != "free" for s in sp]
         head_free = not pg.spaces[unit.head].fixed and G > 1
-        score = []
-        if cfg.match == "align":
-            if head_free:
-                ga = match.group_align(Cs, N, G, gs, wid)
-                perms_by_space = [list(p) for p in ga.perms]
-                self._set_perms(unit.head, list(ga.sigmas))
-            else:
-                perms_by_space = [self._per_block(C, N, G, g, w, "align") for C, g, w in zip(Cs, gs, wid)]
-            for s, C, perms in zip(unit.spaces, Cs, perms_by_space):
-                self._set_perms(s, perms)
-                score.append(_objective_align(C, perms))
-            return float(np.mean(score))
-        if head_free:
-            labels_by_space = match.group_zip(Cs, N, G, gs, wid, a=cfg.zip_a, b=cfg.zip_b_blocked)
-        else:
-            labels_by_space = [self._per_block(C, N, G, g, w, "zip") for C, g, w in zip(Cs, gs, wid)]
-        for s, C, labels, g in zip(unit.spaces, Cs, labels_by_space, gs):
-            self._set_labels(s, labels)
-            score.append(_objective_zip(C, labels))
-        n0 = G * gs[0]
-        lab0 = labels_by_space[0]
-        heads = [np.array([lab0[i * n0 + k * gs[0]] // gs[0] for k in range(G)]) for i in range(N)]
-        self._set_labels(unit.head, np.concatenate(heads))
-        return float(np.mean(score))
+        ms, head = matcher.blocks(Cs, N, G, [s.blocks[1] for s in sp], [s.within != "free" for s in sp], head_free, cfg)
+        if head is not None and head.kind == "perms":
+            self._set(unit.head, head)  # a permuted head first, as its spaces' blocks follow it
+        for s, m in zip(unit.spaces, ms):
+            self._set(s, m)
+        if head is not None and head.kind != "perms":
+            self._set(unit.head, head)
+        return float(np.mean([objective(C, m) for C, m in zip(Cs, ms)]))
 
-    def _per_block(self, C, N, G, g, within_identity, how):
-        """Blocks cannot move (fixed head): match inside each block on its own."""
-        n = G * g
-        if how == "align":
-            perms = [np.zeros(n, dtype=np.int64) for _ in range(N)]
-        else:
-            labels = np.zeros(N * n, dtype=np.int64)
-        for b in range(G):
-            idx = np.concatenate([i * n + b * g + np.arange(g) for i in range(N)])
-            sub = C[np.ix_(idx, idx)]
-            if how == "align":
-                bp = [np.arange(g)] * N if within_identity else match.align(sub, N)
-                for i in range(N):
-                    perms[i][b * g:(b + 1) * g] = b * g + bp[i]
-            else:
-                bl = np.tile(np.arange(g), N) if within_identity else zipit.zip_match(sub, N, g, a=self.cfg.zip_a,
-                                                                                 b=self.cfg.zip_b_blocked)
-                labels[idx] = b * g + bl
-        return perms if how == "align" else labels
+    def _set(self, s: int, m: Matching) -> None:
+        (self._set_perms if m.kind == "perms" else self._set_labels)(s, m.value)
 
     def _set_perms(self, s: int, perms) -> None:
         perms = tuple(np.asarray(p) for p in perms)
@@ -472,27 +269,22 @@ class _Solver:
         return dead if dead is not None and dead.any() else None
 
     def alignment(self, objective=(), sweeps: int = 0) -> Alignment:
-        """M_i, U_i of every matched space. Clusters (or matched pairs) average their members'
-        weights, leaving out members that were dead on the calibration data when a live one
-        is there (:func:`match.live_weights`)."""
-        M, U = {}, {}
-        for s, perms in self.perms.items():
+        """The matching of every matched space, in the order they were first matched.
+        Clusters (or matched pairs) average their members' weights, leaving out members that
+        were dead on the calibration data when a live one is there (:func:`match.live_weights`)."""
+        spaces = {}
+        for s in self._order:
             dead = self._dead(s)
-            if dead is None:
-                Ms, Us = match.matrices_from_perms(perms)
-            else:
-                labels = match.perms_to_labels(perms)
-                Ms, Us = match.matrices_from_labels(labels, self.N, len(perms[0]), match.live_weights(labels, dead))
-            M[s], U[s] = tuple(Ms), tuple(Us)
-        for s, labels in self.labels.items():
-            n = len(labels) // self.N
-            dead = self._dead(s)
-            weights = None if dead is None else match.live_weights(labels, dead)
-            Ms, Us = match.matrices_from_labels(labels, self.N, n, weights)
-            M[s], U[s] = tuple(Ms), tuple(Us)
-        order = [s for s in self._order if s in M]  # the order in which spaces were first matched
-        return Alignment({s: M[s] for s in order}, {s: U[s] for s in order},
-                         {s: self.perms[s] for s in order if s in self.perms}, self.N, tuple(objective), sweeps)
+            if s in self.perms:
+                perms = self.perms[s]
+                weights = None if dead is None else match.live_weights(match.perms_to_labels(perms), dead)
+                spaces[s] = SpaceMatching.from_perms(perms, weights)
+            elif s in self.labels:
+                labels = self.labels[s]
+                n = len(labels) // self.N
+                weights = None if dead is None else match.live_weights(labels, dead)
+                spaces[s] = SpaceMatching.from_labels(labels, self.N, n, weights)
+        return Alignment(spaces, self.N, tuple(objective), sweeps)
 
 
 def _named_tensors(pg: PermutationGraph, models) -> list[Mapping[str, torch.Tensor]]:
@@ -520,7 +312,7 @@ def solve(pg: PermutationGraph, stats: Optional[Statistics],
     tensors = _named_tensors(pg, tensors)
     N = len(tensors)
     if cfg.match is None:
-        return Alignment({}, {}, {}, N)
+        return Alignment({}, N)
     solver = _Solver(pg, stats, tensors, cfg, cache)
     units = solve_units(pg)
     rng = np.random.default_rng(seed)
