@@ -279,6 +279,17 @@ class PackedSymmetric:
             out[:a, a:b] = blk[:, :a].T
         return out
 
+    def rows(self, r1: int) -> np.ndarray:
+        """Rows ``[0, r1)`` of the square (e.g. the anchor model's rows of a correlation)."""
+        dtype = self.blocks[0].dtype if self.blocks else np.float32
+        out = np.empty((r1, self.m), dtype=dtype)
+        for (a, b), blk in zip(self.bounds, self.blocks):
+            if a < r1:  # rows [a, min(b, r1)), columns [0, b): the lower part
+                out[a:min(b, r1), :b] = blk[:min(b, r1) - a]
+            if a > 0:   # columns [a, b) of rows [0, min(a, r1)): the transposed lower part
+                out[:min(a, r1), a:b] = blk[:, :min(a, r1)].T
+        return out
+
 
 # ---------------------------------------------------------------------- rows of a matrix
 
@@ -307,6 +318,34 @@ def gram_rows(Z: torch.Tensor) -> np.ndarray:
     return G
 
 
+def _standardize_rows_(Z: torch.Tensor) -> torch.Tensor:
+    """Centre and scale the rows of Z in place; returns the dead-row mask (:func:`dead_units`)."""
+    D = max(Z.shape[1], 1)
+    mean = Z.mean(dim=1) if Z.shape[1] else torch.zeros(Z.shape[0], dtype=Z.dtype)
+    Z -= mean[:, None]
+    norm = Z.norm(dim=1)
+    dead = dead_units(norm.double() ** 2 / D, mean, Z.dtype)
+    Z /= torch.where(dead, torch.ones_like(norm), norm)[:, None]
+    return dead
+
+
+def pearson_anchor_rows_(Z: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[0, n)`` of :func:`pearson_rows_` (the anchor model's rows of the stacked
+    correlation: n x N n, float64) and the dead-row mask of all rows, overwriting Z. The
+    products are those of the full matrix's lower triangle, for n / (N n) of its work."""
+    dead = _standardize_rows_(Z)
+    C = (Z @ Z[:n].T).double().cpu().numpy().T.copy()  # (n, N n): [k, j] = Z_j . Z_k
+    if n:
+        A = C[:, :n]
+        A[np.triu_indices(n, 1)] = 0.0
+        mirror_lower_(A)
+    dm = dead.cpu().numpy()
+    C[dm[:n], :] = 0.0
+    C[:, dm] = 0.0
+    C[np.arange(n), np.arange(n)] = (~dm[:n]).astype(C.dtype)
+    return np.clip(C, -1.0, 1.0, out=C), dm
+
+
 def pearson_rows_(Z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(Correlation between the rows of Z as float64 numpy, dead-row mask), overwriting Z
     (centred and scaled in place). Dead rows (by :func:`dead_units`) give 0 rows/columns.
@@ -316,12 +355,7 @@ def pearson_rows_(Z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     >>> dead.tolist(), round(float(C[0, 1]), 4), float(C[2, 2])
     ([False, False, True], 0.9999, 0.0)
     """
-    D = max(Z.shape[1], 1)
-    mean = Z.mean(dim=1) if Z.shape[1] else torch.zeros(Z.shape[0], dtype=Z.dtype)
-    Z -= mean[:, None]
-    norm = Z.norm(dim=1)
-    dead = dead_units(norm.double() ** 2 / D, mean, Z.dtype)
-    Z /= torch.where(dead, torch.ones_like(norm), norm)[:, None]
+    dead = _standardize_rows_(Z)
     C = gram_rows(Z)
     dm = dead.cpu().numpy()
     C[dm, :] = 0.0

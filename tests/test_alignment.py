@@ -102,3 +102,41 @@ def test_alignment_of_a_merge_is_compact():
         (s,) = list(al.spaces)
         assert al.M[s][0].shape == (al.spaces[s].size, 400)
         assert len(pickle.dumps(al)) < 40 * 2 * 400  # dense M and U would be 2 * 2 * 400^2 * 8 bytes
+
+
+def test_anchor_rows_are_the_rows_of_the_square():
+    from mudsc_fx.numerics import PackedSymmetric, pearson_anchor_rows_, pearson_rows_
+    rng = np.random.default_rng(1)
+    m = 23
+    A = rng.standard_normal((m, m)).astype(np.float32)
+    S = A + A.T
+    bounds = ((0, 5), (5, 11), (11, 23))
+    packed = PackedSymmetric(m, bounds, tuple(np.ascontiguousarray(S[a:b, :b]) for a, b in bounds))
+    for r in (1, 5, 8, 11, 23):
+        np.testing.assert_array_equal(packed.rows(r), packed.square()[:r])
+    Z = torch.randn(3 * 7, 40)
+    Z[9] = 3.0  # a dead row (constant)
+    full, dead = pearson_rows_(Z.clone())
+    rows, dead_r = pearson_anchor_rows_(Z.clone(), 7)
+    np.testing.assert_array_equal(dead, dead_r)
+    np.testing.assert_allclose(rows, full[:7], atol=1e-6)
+
+
+def test_align_reads_only_the_anchor_rows_of_the_statistics(monkeypatch):
+    """A permutation matching never builds a space's (N n)^2 correlation square."""
+    from mudsc_fx.passes.stats import Correlations
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(8, 30), nn.ReLU(), nn.Linear(30, 3)).eval() for _ in range(2)]
+    data = [torch.randn(64, 8) for _ in range(2)]
+    merger = mf.Merger(models, data)
+    want = merger.merge("mudsc_align").alignment.perms
+    stats = merger.statistics()
+
+    def square(self, s):
+        raise AssertionError("align built a square")
+    monkeypatch.setattr(Correlations, "__getitem__", square)
+    object.__setattr__(stats.corr, "_last", (None, None))
+    for method in ("act_align", "mudsc_align"):
+        got = mf.solve(merger.graph, stats, models, mf.method_config(method)).perms
+        if method == "mudsc_align":
+            assert got.keys() == want.keys() and all(np.array_equal(got[s][1], want[s][1]) for s in got)

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from ..ir.graph import PermutationGraph
+from ..numerics import pearson_anchor_rows_
 from ..solvers import match
 from ..solvers.families import Matching, matcher_for, objective
 from .alignment import Alignment, SpaceMatching
 from .apply import AlignmentOps, named_tensors
 from .stats import Statistics
-from .weights import FeatureCache, weight_similarity
+from .weights import FeatureCache, unit_weight_features, weight_similarity
 
 log = logging.getLogger(__name__)
 
@@ -152,26 +153,40 @@ class _Solver:
         return [recording(op) for op in ops]
 
     def similarity(self, s: int, alpha: float) -> np.ndarray:
-        ca = None if self.stats is None else self.stats.corr.get(s)
+        """C = alpha C_W + (1 - alpha) C_A of space s: the (N n, N n) square, or only its
+        anchor rows (n, N n) when the family's matcher reads nothing else."""
+        rows = self.pg.size(s) if self.matcher.anchor_rows else None
+        ca = None if self.stats is None or s not in self.stats.corr else (
+            self.stats.corr[s] if rows is None else self.stats.corr.rows(s, rows))
         dead = None if ca is None else self.stats.dead[s]
         if alpha <= 0.0 and ca is not None and not dead.any():
             return ca
-        ops = self._ops()
-        self.features.read = self._read
-        try:
-            cw = weight_similarity(self.pg, self.f32, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize,
-                                   cache=self.features)
-        finally:
-            self.features.read = None
+        cw = self._weight_similarity(s, rows)
         if ca is None or alpha >= 1.0:
             return cw
         if dead.any():  # units that never varied on the data: only their weights can tell them apart
             ca = ca.copy()
-            ca[dead, :] = cw[dead, :]
+            ca[dead[:ca.shape[0]], :] = cw[dead[:ca.shape[0]], :]
             ca[:, dead] = cw[:, dead]
         cw *= alpha  # cw is a fresh array: alpha * cw + (1 - alpha) * ca, with one temporary
         cw += (1.0 - alpha) * ca
         return cw
+
+    def _weight_similarity(self, s: int, rows: Optional[int]) -> np.ndarray:
+        ops = self._ops()
+        self.features.read = self._read
+        try:
+            if rows is None:
+                return weight_similarity(self.pg, self.f32, s, ops, self.cfg.weight_kind, self.cfg.weight_normalize,
+                                         cache=self.features)
+            Z = torch.cat([unit_weight_features(self.pg, t, s, op, self.cfg.weight_normalize, self.features, i)
+                           for i, (t, op) in enumerate(zip(self.f32, ops))], dim=0)
+        finally:
+            self.features.read = None
+        if self.cfg.weight_kind == "inner":
+            Zd = Z.double()
+            return (Zd[:rows] @ Zd.T).numpy()
+        return pearson_anchor_rows_(Z, rows)[0]  # Z is our own concatenation
 
     def match_unit(self, unit: SolveUnit, alpha: float) -> float:
         key = (unit.name, self._options, alpha)

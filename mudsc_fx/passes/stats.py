@@ -48,6 +48,17 @@ class Correlations(Mapping):
             self._last = (s, square)
         return self._last[1]
 
+    def __contains__(self, s) -> bool:
+        return s in self._packed
+
+    def rows(self, s: int, n: int) -> np.ndarray:
+        """Rows ``[0, n)`` of space ``s``'s square (the anchor model's rows), without the square."""
+        if self._last[0] == s:
+            return self._last[1][:n]
+        out = self._packed[s].rows(n)
+        out.flags.writeable = False
+        return out
+
     def __iter__(self):
         return iter(self._packed)
 

@@ -44,7 +44,8 @@ class Matching:
 
 
 def objective(C: np.ndarray, m: Matching) -> float:
-    """Mean similarity of the units a matching puts together."""
+    """Mean similarity of the units a matching puts together (a permutation's from the anchor
+    rows of C, which may be all C holds)."""
     if m.kind == "perms":
         n = len(m.value[0])
         return float(np.mean([C[np.arange(n), i * n + p].mean() for i, p in enumerate(m.value) if i > 0]))
@@ -55,8 +56,11 @@ def objective(C: np.ndarray, m: Matching) -> float:
 
 class Matcher:
     """Family-specific matching. ``cfg`` is the MatchConfig of the solve (its family options:
-    zip_a, zip_b, zip_b_blocked, ...)."""
+    zip_a, zip_b, zip_b_blocked, ...). A matcher with ``anchor_rows`` reads only the anchor
+    model's rows of each similarity (C[:n, i n:(i+1) n], the cross blocks): it is given the
+    (n, N n) rows instead of the (N n, N n) square, and the solve computes nothing else."""
     name = ""
+    anchor_rows = False
 
     def space(self, C: np.ndarray, n_models: int, size: int, cfg: Any, blocked: bool = False) -> Matching:
         """Match one space of ``size`` units per model from its (N n, N n) similarity.
@@ -78,10 +82,11 @@ class Matcher:
         kind = None
         for b in range(G):
             idx = np.concatenate([i * n + b * g + np.arange(g) for i in range(N)])
+            rows = idx[:g] if self.anchor_rows else idx  # an anchor-rows C has the anchor's rows only
             if within_fixed:
                 m = Matching.perms([np.arange(g)] * N) if self._kind == "perms" else Matching.labels(np.tile(np.arange(g), N))
             else:
-                m = self.space(C[np.ix_(idx, idx)], N, g, cfg, blocked=True)
+                m = self.space(C[np.ix_(rows, idx)], N, g, cfg, blocked=True)
             kind = m.kind
             if m.kind == "perms":
                 for i in range(N):
@@ -98,6 +103,7 @@ class AlignMatcher(Matcher):
     :func:`group_align`."""
     name = "align"
     _kind = "perms"
+    anchor_rows = True
 
     def space(self, C, n_models, size, cfg, blocked=False):
         return Matching.perms(align(C, n_models))

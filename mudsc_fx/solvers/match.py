@@ -21,18 +21,27 @@ __all__ = [
 ]
 
 
+def anchor_units(C: np.ndarray, n_models: int) -> int:
+    """Units per model n of a similarity given whole, (N n, N n), or as the anchor model's rows
+    (n, N n): the only blocks a matching to the anchor reads."""
+    if C.ndim == 2 and n_models > 1 and C.shape[1] == n_models * C.shape[0]:
+        return C.shape[0]
+    return units_per_model(C, n_models)
+
+
 def align(C: np.ndarray, n_models: int) -> list[np.ndarray]:
-    """Permutation matching to the anchor (model 0), one linear assignment per model.
+    """Permutation matching to the anchor (model 0), one linear assignment per model. ``C``:
+    the (N n, N n) similarity or its anchor rows (n, N n); only C[:n, i n:(i+1) n] is read.
 
     >>> C = np.array([[1., 0., 0., 1.], [0., 1., 1., 0.], [0., 1., 1., 0.], [1., 0., 0., 1.]])
     >>> [p.tolist() for p in align(C, 2)]
     [[0, 1], [1, 0]]
     """
-    C = np.asarray(C, dtype=np.float64)
-    n = units_per_model(C, n_models)
+    C = np.asarray(C)
+    n = anchor_units(C, n_models)
     perms = [np.arange(n)]
     for i in range(1, n_models):
-        _, cols = linear_sum_assignment(C[:n, i * n:(i + 1) * n], maximize=True)
+        _, cols = linear_sum_assignment(np.asarray(C[:n, i * n:(i + 1) * n], dtype=np.float64), maximize=True)
         perms.append(cols.astype(np.int64))
     return perms
 
@@ -158,11 +167,11 @@ def group_align(Cs: Sequence[np.ndarray], n_models: int, G: int, gs: Sequence[in
     >>> ga.sigmas[1].tolist(), ga.perms[0][1].tolist()
     ([1, 0], [2, 3, 0, 1])
     """
-    Cs = [np.asarray(C, dtype=np.float64) for C in Cs]
+    Cs = [np.asarray(C) for C in Cs]
     if not len(Cs) == len(gs) == len(within_identity):
         raise ValueError("group_align: Cs, gs and within_identity differ in length")
     for C, g in zip(Cs, gs):
-        if units_per_model(C, n_models) != G * g:
+        if anchor_units(C, n_models) != G * g:
             raise ValueError(f"group_align: similarity {C.shape} is not N * {G} blocks of {g}")
     sigmas = [np.arange(G)]
     perms = [[np.arange(G * g)] for g in gs]
@@ -171,7 +180,7 @@ def group_align(Cs: Sequence[np.ndarray], n_models: int, G: int, gs: Sequence[in
         withins = []
         for C, g, ident in zip(Cs, gs, within_identity):
             n = G * g
-            scores, within = _block_scores(C[:n, i * n:(i + 1) * n], G, g, ident)
+            scores, within = _block_scores(np.asarray(C[:n, i * n:(i + 1) * n], dtype=np.float64), G, g, ident)
             total += scores
             withins.append(within)
         _, sigma = linear_sum_assignment(total, maximize=True)
