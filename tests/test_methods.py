@@ -16,7 +16,9 @@ from mudsc_fx.solvers.families import Matcher, Matching
 
 class GreedyPairs(Matcher):
     """Greedy bipartite matching to the anchor: repeatedly pair the most similar free anchor
-    unit and unit of model i (a permutation, without the assignment solver)."""
+    unit and unit of model i (a permutation, without the assignment solver). It reads only the
+    anchor's rows, so the solve hands it (n, N n) rows."""
+    anchor_rows = True
 
     def __init__(self):
         self.calls = 0
@@ -24,6 +26,7 @@ class GreedyPairs(Matcher):
     def space(self, C, n_models, size, cfg, blocked=False):
         self.calls += 1
         n = size
+        assert C.shape == (n, n_models * n)
         perms = [np.arange(n)]
         for i in range(1, n_models):
             X = np.array(C[:n, i * n:(i + 1) * n], dtype=np.float64)
