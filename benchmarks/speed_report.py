@@ -169,3 +169,60 @@ def targets(result: dict) -> list[dict]:
     out.append({"what": f"zip fast >= {TARGET_ZIP_SPEEDUP:.0f}x the reference at n = 2048",
                 "measured": _f(q, "{:.1f}x"), "ok": None if q is None else q >= TARGET_ZIP_SPEEDUP})
     return out
+
+
+TITLES = {"resnet20x4": "ResNet-20 x4, MNIST", "vit": "small ViT, MNIST", "resnet50": "torchvision resnet50, 224 px",
+          "vit_b_16": "torchvision vit_b_16, 224 px"}
+
+
+def readme_table(result: dict, taskvec: dict | None = None) -> str:
+    """The README's speed table (between its speed-table markers): one row per case, then the
+    distributed rows and, with ``taskvec`` (benchmarks/results/taskvec_scale.json), the
+    out-of-core task-vector rows."""
+    lines = ["| case | images | floor s | statistics s (/ floor) | solve s (zipit / act_align / mudsc_zip) | "
+             "reset_bn s | merge / floor (zipit / act_align / mudsc_zip) | peak MB (mudsc_zip) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, c in result["cases"].items():
+        if "error" in c:
+            lines.append(f"| {TITLES.get(name, name)} | error: {c['error'][:100]} | | | | | | |")
+            continue
+        ms = [c["methods"].get(m, {}) for m in METHODS]
+        ok = [m for m in ms if "error" not in m and m]
+        solve = " / ".join(_f(m.get("solve_s")) for m in ms)
+        ratio = " / ".join(_f(m.get("ratio_to_floor")) for m in ms)
+        zp = c["methods"].get("mudsc_zip", {})
+        st = c.get("statistics_s", ok[0].get("statistics_s") if ok else None)  # older results: per method
+        st_ratio = c.get("statistics_over_floor", ok[0].get("statistics_over_floor") if ok else None)
+        runs = f"{c['repeats']} run{'s' if c['repeats'] > 1 else ''}"
+        lines.append(f"| {TITLES.get(name, name)} ({runs}) | {c['images']} | {_f(c['floor_s'], '{:.1f}')} | "
+                     f"{_f(st, '{:.1f}')} ({_f(st_ratio)}) | {solve} | "
+                     f"{_f(ok[0].get('reset_bn_s') if ok else None, '{:.1f}')} | {ratio} | "
+                     f"{_f(zp.get('merge_peak_mb'), '{:.0f}')} |")
+    d = result.get("distributed")
+    if d and "error" not in d:
+        ag = d.get("agreement") or {}
+        worst = max((a["output_max_rel_diff"] for a in ag.get("methods", {}).values()), default=None)
+        lines += ["", f"| distributed statistics ({d['case']}, {d['images']} images, gloo, 1 thread per rank) | 1 rank s | "
+                      f"{d['world']} ranks s | speedup | merged outputs, max rel diff |", "|---|---|---|---|---|",
+                  f"| statistics pass | {d['one_rank_s']:.1f} | {d['many_ranks_s']:.1f} | **{d['speedup']:.2f}x** | "
+                  f"{_f(worst, '{:.1e}')} |"]
+    if taskvec:
+        gb = taskvec["checkpoint"]["bytes"] / 1e9
+        lines += ["", f"| out of core (N = {taskvec['n']} x {taskvec['checkpoint']['params'] / 1e6:.0f}M-parameter "
+                      f"safetensors, one checkpoint {gb:.2f} GB) | streamed peak GB (/ one checkpoint) | "
+                      "in memory | before streaming |", "|---|---|---|---|"]
+        by = {}
+        for r in taskvec["rows"]:
+            by.setdefault(r["label"], {})[r["impl"]] = r
+        for label, rows in by.items():
+            cell = {k: (f"{v['peak_rss'] / 1e9:.2f} ({v['ratio']:.2f}x)" if "peak_rss" in v else "-") for k, v in rows.items()}
+            lines.append(f"| {label} | **{cell.get('stream', '-')}** | {cell.get('in-memory', '-')} | {cell.get('old', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python benchmarks/speed_report.py speed.json [taskvec_scale.json]: the README table
+    import json
+    import sys
+    res = json.load(open(sys.argv[1]))
+    tv = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
+    print(readme_table(res, tv), end="")
