@@ -94,9 +94,10 @@ class SolveCache:
     """Work that the solves of one model set share: weight features and unit matchings,
     keyed by the content of the matchings they read, so a solve with another alpha or method
     (an alpha search, a benchmark's rows) replays what an earlier solve computed. It binds
-    to one graph, one list of model tensors and one statistics object; other ones clear it."""
+    to one graph, one list of model tensors and one statistics object; other ones clear it.
+    ``max_bytes`` bounds the weight features kept (vit_b_16 has 1.4 GB of them)."""
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 512 << 20):
         self.features = FeatureCache(lambda d: b"", max_bytes)
         self.units: dict[tuple, tuple] = {}
         self._owner: Optional[tuple] = None
@@ -168,8 +169,9 @@ class _Solver:
             ca = ca.copy()
             ca[dead[:ca.shape[0]], :] = cw[dead[:ca.shape[0]], :]
             ca[:, dead] = cw[:, dead]
-        cw *= alpha  # cw is a fresh array: alpha * cw + (1 - alpha) * ca, with one temporary
-        cw += (1.0 - alpha) * ca
+        cw *= alpha  # cw is a fresh array: alpha * cw + (1 - alpha) * ca, by blocks of rows
+        for i in range(0, cw.shape[0], 1024):  # (no (N n)^2 temporary: 150 MB for vit_b_16's MLP spaces)
+            cw[i:i + 1024] += (1.0 - alpha) * ca[i:i + 1024]
         return cw
 
     def _weight_similarity(self, s: int, rows: Optional[int]) -> np.ndarray:
