@@ -127,6 +127,23 @@ def transform_axis(t: torch.Tensor, axis: int, layout: Layout,
     return t3.reshape(shape[:axis] + [layout.outer * new_m * layout.inner_rep] + shape[axis + 1:])
 
 
+def split_features(x: torch.Tensor, layout: Layout, space_size: Callable[[int], int]) -> list[tuple[int, torch.Tensor]]:
+    """Split features ``x`` [samples, size(layout)] into (space, [samples', n]) blocks: each
+    ``Plain`` leaf's units as features (a ``Kron`` leaf's repeats become more samples);
+    Fixed indices are dropped."""
+    if isinstance(layout, Plain):
+        return [(layout.space, x)]
+    if isinstance(layout, Fixed):
+        return []
+    if isinstance(layout, Concat):
+        sizes = [layout_size(p, space_size) for p in layout.parts]
+        return [f for piece, p in zip(torch.split(x, sizes, dim=1), layout.parts)
+                for f in split_features(piece, p, space_size)]
+    m = layout_size(layout.inner, space_size)
+    y = x.reshape(x.shape[0], layout.outer, m, layout.inner_rep).permute(0, 1, 3, 2).reshape(-1, m)
+    return split_features(y, layout.inner, space_size)
+
+
 def leaf_units(layout: Layout, space_size: Callable[[int], int]) -> list[tuple[int | None, int]]:
     """(space, or None for fixed indices; how many axis indices) for each leaf of a layout."""
     if isinstance(layout, Plain):

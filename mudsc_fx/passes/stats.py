@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import distributed
 from ..ir.graph import PermutationGraph, Tap
-from ..ir.layout import Concat, Fixed, Kron, Layout, Plain, layout_size
+from ..ir.layout import Plain, split_features
 from ..ir.inputs import default_input_fn, eval_mode, graph_inputs
 from ..numerics import MomentAccumulator, PackedSymmetric, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401
 
@@ -85,21 +85,6 @@ class Statistics:
     n_models: int
 
 
-def space_features(x: torch.Tensor, layout: Layout, size: Callable[[int], int]) -> list[tuple[int, torch.Tensor]]:
-    """Split ``x`` [samples, size(layout)] into (space, [samples', n]) feature blocks."""
-    if isinstance(layout, Plain):
-        return [(layout.space, x)]
-    if isinstance(layout, Fixed):
-        return []
-    if isinstance(layout, Concat):
-        sizes = [layout_size(p, size) for p in layout.parts]
-        return [f for piece, p in zip(torch.split(x, sizes, dim=1), layout.parts) for f in space_features(piece, p, size)]
-    assert isinstance(layout, Kron)
-    m = layout_size(layout.inner, size)
-    y = x.reshape(x.shape[0], layout.outer, m, layout.inner_rep).permute(0, 1, 3, 2).reshape(-1, m)
-    return space_features(y, layout.inner, size)
-
-
 def _tapped(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tapped axis moved last, through the tap's packed projection if it has one."""
     v = value.movedim(tap.axis, -1)
@@ -113,7 +98,7 @@ def _tapped(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor]) -> t
 
 def tap_features(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor], size) -> list[tuple[int, torch.Tensor]]:
     v = _tapped(value, tap, params)
-    return space_features(v.reshape(-1, v.shape[-1]), tap.layout, size)
+    return split_features(v.reshape(-1, v.shape[-1]), tap.layout, size)
 
 
 def taps_by_space(pg: PermutationGraph) -> dict[int, list[Tap]]:

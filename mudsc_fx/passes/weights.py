@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from ..ir.graph import Member, PermutationGraph
-from ..ir.layout import spaces_of, transform_axis
+from ..ir.layout import spaces_of, split_features, transform_axis
 from ..numerics import pearson_rows_
 from .apply import SpaceOp, _expand_grouped
-from .stats import space_features
 
 
 class FeatureCache:
@@ -105,7 +104,7 @@ def _member_blocks(pg: PermutationGraph, t: torch.Tensor, s: int, members, group
     x = t.movedim(anchor.axis, -1)
     x = x.reshape(-1, x.shape[-1])
     blocks = []
-    for sp, feats in space_features(x, anchor.layout, pg.size):
+    for sp, feats in split_features(x, anchor.layout, pg.size):
         if sp == s:
             f = feats.T  # [n, samples]
             if normalize:
