@@ -133,13 +133,15 @@ def test_weights_do_not_depend_on_what_ran_before():
 
 def test_permuting_through_slices_equals_permuting_whole_tensors(monkeypatch):
     """apply_permutations permutes big tensors in place through slices (a float64 proof of VGG
-    then fits in 4 GB); with tiny slices it must give exactly what whole-tensor transforms give."""
+    then fits in 4 GB; grouped weights go one kernel position at a time); with tiny slices it
+    must give exactly what whole-tensor transforms give."""
     import copy
     import numpy as np
     import mudsc_fx as mf
     from mudsc_fx.passes import apply
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.ReLU(),
-                          nn.Linear(10, 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 12, 3, padding=1, groups=3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(12 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 3))
     x = torch.randn(2, 3, 6, 6)
     pg = mf.infer(model, x)
     perms = apply.random_permutations(pg, np.random.default_rng(0))
@@ -149,7 +151,9 @@ def test_permuting_through_slices_equals_permuting_whole_tensors(monkeypatch):
     sliced = apply.apply_permutations(model, pg, perms)
     for (k, a), b in zip(whole.state_dict().items(), sliced.state_dict().values()):
         assert torch.equal(a, b), k
-    assert not torch.equal(sliced[3].weight, model[3].weight)   # the flatten (kron) axis moved
+    assert not torch.equal(sliced[5].weight, model[5].weight)   # the flatten (kron) axis moved
+    assert not torch.equal(sliced[2].weight, model[2].weight)   # the grouped conv moved
+    assert any(m.groups > 1 for m in pg.members if m.fqn == "2.weight")
     torch.testing.assert_close(sliced(x), model(x))
 
 
