@@ -30,16 +30,20 @@ mudsc-fx check timm:vit_tiny_patch16_224                           # one model, 
 ```"""
 
 SAMPLE = """```
-$ mudsc-fx check --zoo tests/tiny_zoo.py:ZOO --jobs 2 --baseline zoo.json    # after removing nn.Tanh's rule
+$ mudsc-fx check --zoo torchvision --only mobilenet_v3_small --jobs 2 \\
+      --baseline benchmarks/results/zoo_torchvision.json      # with nn.Hardswish's row deleted from the rule table
 model                           spaces        free    coverage max_abs_err    barriers      status     seconds     peak_MB
-mlp                                  3           1       0.500    4.16e-17           1          ok         0.2       340.1
-residual                             2           1       1.000    5.55e-17           0          ok         0.2       351.3
-...
-compared with the baseline: 1 regression, 0 improvements
-  REGRESSION mlp: coverage drop: coverage 1.0000 -> 0.5000 (-0.5000); free spaces 2 -> 1
+mobilenet_v3_small                  37          16       0.148    4.34e-19          19          ok         1.5       477.3
+
+1 checked, 1 ok, 0 failed, 0 skipped (2 s, 2 jobs)
+compared with the baseline: 1 regression, 0 improvements, 79 baseline models not in this run
+  REGRESSION mobilenet_v3_small: coverage drop: coverage 1.0000 -> 0.1485 (-0.8515); free spaces 27 -> 16
       free spaces that became fixed:
-        S1 (unit, size 16: 2.bias[0], 2.weight[0])
-      new barriers: _3 (module 3)
+        S0 (unit, size 16: features.0.0.weight[0], features.0.1.bias[0], features.0.1.running_mean[0], +9 more)
+        S6 (unit, size 96: features.4.block.0.0.weight[0], features.4.block.0.1.bias[0], features.4.block.0.1.running_mean[0], +9 more)
+        ... (9 more spaces)
+        S26 (unit, size 1024: classifier.0.bias[0], classifier.0.weight[0])
+      new barriers: features_0_2 (module features.0.2); features_4_block_0_2 (module features.4.block.0.2); ... +11 more
 $ echo $?
 1
 ```"""
@@ -62,7 +66,8 @@ def render(report, timing=None) -> str:
         "",
         COMMANDS,
         "",
-        "A regression, as CI prints it:",
+        "A regression, as CI prints it (a rule removed on purpose: `tests/test_zoo_sweep.py` does the same "
+        "against the committed baseline):",
         "",
         SAMPLE,
         "",

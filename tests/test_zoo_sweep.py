@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mudsc_fx.zoo_check import Limits, check_zoo, load_report
+from torch import nn
+
+from mudsc_fx.rules import RULES
+from mudsc_fx.sources import zoo
+from mudsc_fx.zoo_check import Limits, ZooReport, check_zoo, load_report
+from mudsc_fx.zoo_check.baseline import compare
 
 pytestmark = pytest.mark.zoo
 
@@ -59,6 +64,23 @@ def test_every_worker_stays_under_the_memory_guard(sweep):
     _, report, _ = sweep
     checked = [r for r in report.results if r.status != "skipped"]
     assert all(r.peak_rss_mb is not None and r.peak_rss_mb < Limits.memory_gb * 1024 for r in checked)
+
+
+def test_a_removed_rule_fails_against_the_committed_baseline(monkeypatch):
+    """The baseline demonstration on the real zoo: without nn.Hardswish's row, mobilenet_v3_small
+    loses most of its spaces; the comparison names the model, the spaces and the new barriers."""
+    monkeypatch.delitem(RULES, nn.Hardswish)     # forked workers inherit the edited table
+    now = ZooReport("torchvision", check_zoo(zoo("torchvision", only="mobilenet_v3_small"), jobs=1))
+    cmp = compare(load_report(BASELINE), now)
+    [reg] = cmp.regressions
+    assert reg.model == "mobilenet_v3_small" and reg.kind == "coverage drop"
+    lost = {m for s in reg.lost for m in s.members}
+    assert "features.0.0.weight[0]" in lost and "classifier.0.weight[0]" in lost
+    assert len(reg.new_barriers) == 19 and "features_0_2 (module features.0.2)" in reg.new_barriers   # every Hardswish
+    assert "REGRESSION mobilenet_v3_small: coverage drop" in "\n".join(cmp.lines())
+    monkeypatch.undo()                            # the same model with the row back: no regression
+    again = ZooReport("torchvision", check_zoo(zoo("torchvision", only="mobilenet_v3_small"), jobs=1))
+    assert compare(load_report(BASELINE), again).ok
 
 
 @pytest.mark.parametrize("name", COVERAGE_95)
