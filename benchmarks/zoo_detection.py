@@ -121,6 +121,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _size(name: str) -> int:
+    """Parameter count from the weights' metadata (no download); unknown last."""
+    import torchvision
+    try:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+    except Exception:
+        return 1 << 40
+
+
 def _run_safely(job: tuple) -> dict:
     name, size, threads = job
     torch.set_num_threads(threads)
@@ -133,13 +142,14 @@ def _run_safely(job: tuple) -> dict:
 
 
 def _rows(names: list[str], size: int, jobs: int):
-    """Rows in list order as they finish; with ``jobs`` > 1 each model in a fresh forked worker."""
+    """Rows as they finish (each is written at once); with ``jobs`` > 1 each model in a fresh
+    forked worker."""
     if jobs == 1:
         for name in names:
             yield _run_safely((name, size, 2))
         return
     with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
-        yield from pool.imap(_run_safely, [(n, size, 1) for n in names])
+        yield from pool.imap_unordered(_run_safely, [(n, size, 1) for n in names])
 
 
 def main(argv=None) -> int:
@@ -157,7 +167,7 @@ def main(argv=None) -> int:
         Path(args.json).with_suffix(".md").write_text(markdown(json.loads(Path(args.json).read_text())))
         return 0
     torch.set_num_threads(2 if args.jobs == 1 else 1)
-    names = torchvision.models.list_models(module=torchvision.models.detection)
+    names = sorted(torchvision.models.list_models(module=torchvision.models.detection), key=_size)   # small first
     if args.only:
         names = [n for n in names if n in set(args.only.split(","))]
     path = Path(args.json)
