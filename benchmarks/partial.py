@@ -133,9 +133,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pairs", type=int)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--archs", default="", help="comma list of architectures to run (e.g. resnet20); default all")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfgs, pairs = (QUICK, 1) if args.quick else (FULL, 3)
+    if args.archs:
+        cfgs = [c for c in cfgs if c[1] in args.archs.split(",")]
     pairs = args.pairs or pairs
     t0 = time.perf_counter()
     records = run(cfgs, pairs, lambda s: print(s, flush=True))
