@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 import mudsc_fx as mf
 from mudsc_fx.passes.apply import (apply_permutations, load_tensors, named_tensors, permutation_op,
@@ -120,6 +121,16 @@ def _space_text(pg: mf.PermutationGraph, perms: dict) -> str:
     return "; ".join(parts)
 
 
+def _double_model(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model``, plain tensor attributes used in forward included."""
+    work = copy.deepcopy(model).double()
+    for m in work.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.is_floating_point():
+                object.__setattr__(m, k, v.double())
+    return work
+
+
 def _double_inputs(inputs):
     return tuple(x.double() if x.is_floating_point() else x for x in inputs)
 
@@ -127,7 +138,7 @@ def _double_inputs(inputs):
 def single_space_oracle(model, inputs, pg, seed: int = 0, rtol: float = 1e-7) -> Optional[str]:
     """None if permuting each free space alone keeps the outputs; else what failed. One float64
     copy is permuted in place and restored per space (no copy per space)."""
-    work = copy.deepcopy(model).double().eval()
+    work = _double_model(model).eval()
     perturb_(work, seed)
     orig = {k: t.clone() for k, t in named_tensors(work).items()}
     x = _double_inputs(inputs)

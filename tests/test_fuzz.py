@@ -7,9 +7,6 @@ program (one line per op) and a ``build(Program(...))`` repro.
 Known-failing families are excluded from the main run and each has its own strict xfail, so
 the xfail turns into an error the day the fix lands (then delete the marker and the ban):
 
-- plain tensor attributes (constants not in the state dict) used as weights or scales:
-  ``check`` runs the model in float64 but ``.double()`` does not convert them, so the proof
-  dies with a raw dtype error from torch;
 - merging a model with a permuted copy of itself (``act_align``) does not give it back:
   a ``concat`` layout with a part no alignment covers (a fixed piece, or a size-1 piece) is
   summed over the models without the 1/N; spaces read only by ``einsum`` (or produced by the
@@ -24,7 +21,7 @@ from fuzz_harness import FAILURES, Options, report, run_seed, shrink
 from fuzz_models import DEFAULT, Profile
 
 PLAIN_ATTRIBUTES = frozenset({"const"})
-CLEAN = Profile(banned_sources=PLAIN_ATTRIBUTES)
+CLEAN = DEFAULT  # plain tensor attributes included: check's float64 copy converts them
 
 
 def fuzz(seeds, profile: Profile = DEFAULT, opts: Options = Options(check_seeds=(0,)), max_reports: int = 3,
@@ -62,8 +59,9 @@ def test_500_fuzzed_models_are_proven_or_fail_clearly():
     assert sum(o.n_barriers > 0 for o in outcomes) > 0.1 * len(outcomes)
 
 
-@pytest.mark.xfail(strict=True, reason="check: plain tensor attributes are not converted by its float64 copy")
 def test_fuzzed_plain_tensor_attributes():
+    """Plain tensor attributes (not in the state dict) as weights and scales: the float64 proof
+    converts them too (it used to die with a raw dtype error)."""
     profile = Profile(require_sources=PLAIN_ATTRIBUTES,
                       require=frozenset({"linear.fn", "matmul.param", "embedding.fn", "channel_affine"}))
     _, text = fuzz(range(20_000, 20_080), profile, max_reports=0, stop_at_first=True)

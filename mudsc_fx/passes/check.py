@@ -91,9 +91,11 @@ def _double_inputs(example_inputs: Any, model: nn.Module) -> ModelCall:
 
 def _float64_copy(model: nn.Module) -> nn.Module:
     """A float64 copy of ``model`` without an intermediate float32 copy (a deepcopy whose memo
-    already holds the converted parameters and buffers)."""
+    already holds the converted parameters, buffers and plain tensor attributes)."""
     memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
+    plain = (v for m in model.modules() for v in vars(m).values()  # tensor attributes used in forward
+             if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+    for t in itertools.chain(model.parameters(), model.buffers(), plain):
         if t.is_floating_point() and id(t) not in memo:
             d = t.detach().to(torch.float64, copy=True)
             memo[id(t)] = nn.Parameter(d, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else d
