@@ -58,13 +58,15 @@ def _mark_in(ctx: InferContext, op: Optional[Operand], axis: int) -> None:
 # ---------------------------------------------------------------------------------------
 # linear / conv / embedding
 # ---------------------------------------------------------------------------------------
-def _linear(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[Operand]):
+def _linear(ctx: InferContext, node: fx.Node, x: fx.Node, w: Operand, b: Optional[Operand],
+            in_axis: int = 1, out_axis: int = 0, what: str = "linear"):
+    """``x @ W^T + b`` with W [out, in]; GPT-2's Conv1D passes its [in, out] axes."""
     lx = ctx.tlabel(x)
-    why = f"linear {node.name}"
-    inp = w.unify(ctx, 1, lx[-1], why)
-    _mark_in(ctx, w, 1)
+    why = f"{what} {node.name}"
+    inp = w.unify(ctx, in_axis, lx[-1], why)
+    _mark_in(ctx, w, in_axis)
     ctx.tap(x, len(lx) - 1, inp)
-    out = w.take(ctx, 0)
+    out = w.take(ctx, out_axis)
     if b is not None:
         out = b.unify(ctx, 0, out, why)
     ctx.producer(node, out, value_of(node).shape[-1])

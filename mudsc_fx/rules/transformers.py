@@ -13,10 +13,9 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..ir.values import value_of
-from .context import InferContext, TensorLabel
+from .context import InferContext
 from .elementwise import passthrough
-from .layers import _param
+from .layers import _linear, _param
 
 _ACTIVATIONS = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
                 "GELUTanh", "PytorchGELUTanh", "ClippedGELUActivation", "AccurateGELUActivation",
@@ -34,16 +33,5 @@ def register(add: Callable) -> None:
 
 def conv1d(ctx: InferContext, node: fx.Node):
     """GPT-2's Conv1D: ``x @ weight + bias`` with weight [in, out] (rule 1 with the axes swapped)."""
-    x = node.args[0]
-    lx = ctx.tlabel(x)
-    w, b = _param(ctx, node, "weight"), _param(ctx, node, "bias")
-    why = f"Conv1D {node.name}"
-    inp = w.unify(ctx, 0, lx[-1], why)
-    w.mark_in(ctx, 0)
-    ctx.tap(x, len(lx) - 1, inp)
-    out = w.take(ctx, 1)
-    if b is not None:
-        out = b.unify(ctx, 0, out, why)
-    ctx.producer(node, out, value_of(node).shape[-1])
-    ctx.tap(node, len(lx) - 1, out, out=True)
-    return TensorLabel(tuple(ctx.tlabel(x).axes[:-1]) + (ctx.resolve(out),))
+    return _linear(ctx, node, node.args[0], _param(ctx, node, "weight"), _param(ctx, node, "bias"),
+                   in_axis=0, out_axis=1, what="Conv1D")

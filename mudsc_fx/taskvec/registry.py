@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..validation import check_bool
+
 __all__ = ["Option", "TaskVectorMethod", "register_method", "get_method", "method_names",
            "nonnegative_number", "fraction", "flag", "choice"]
 
@@ -36,10 +38,7 @@ def fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+flag = check_bool  # True or False, nothing else
 
 
 def choice(*values: str) -> Callable[[str, Any], str]:
