@@ -156,7 +156,7 @@ def merge_back(family: str, *, n_batches: int = 3, seed: int = 0, out_dir: Optio
     (``from_pretrained``); ``reload_error`` compares the reloaded model's outputs with it."""
     import mudsc_fx as mf
     from .ir.inputs import call_model
-    from .passes.check import flat_tensors
+    from .ir.inputs import flat_tensors
     fam = FAMILIES[family]
     a = fam.build(seed)
     b = permute_mlp(a, family, seed + 1)

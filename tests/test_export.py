@@ -9,7 +9,7 @@ from torch import nn
 
 import mudsc_fx as mf
 from mudsc_fx.ir.inputs import graph_inputs, model_call
-from mudsc_fx.passes.check import flat_tensors
+from mudsc_fx.ir.inputs import flat_tensors
 
 from topologies import by_name
 

@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .inputs import INPUTS_KEY, ModelCall
+from .inputs import INPUTS_KEY, ModelCall, flat_tensors
 from .errors import TraceError, user_frame
 
 log = logging.getLogger(__name__)
@@ -126,20 +126,7 @@ class _TensorLeaves(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        return tuple(output_leaves(self.model(*args, **kwargs)))
-
-
-def output_leaves(out: Any) -> list[torch.Tensor]:
-    """Every tensor in an output: tuples, lists, dicts (ModelOutput), dataclasses, objects."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in output_leaves(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in output_leaves(v)]
-    if hasattr(out, "__dict__"):
-        return [t for v in vars(out).values() for t in output_leaves(v)]
-    return []
+        return tuple(flat_tensors(self.model(*args, **kwargs)))
 
 
 def _run_export(model: nn.Module, call: ModelCall, dynamic: bool):

@@ -145,3 +145,16 @@ class _SignatureInputs:
             raise TypeError(f"inputs do not match the traced forward{self.signature}: {e}") from None
         bound.apply_defaults()
         return tuple(bound.arguments.values())
+
+
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor leaf of a model output (tensor, tuple/list, dict, dataclass/ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flat_tensors(v)]
+    if hasattr(out, "__dict__"):
+        return [t for v in vars(out).values() for t in flat_tensors(v)]
+    return []

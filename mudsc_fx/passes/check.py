@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ir.graph import Barrier, PermutationGraph
-from ..ir.inputs import ModelCall, eval_mode, model_call
+from ..ir.inputs import ModelCall, eval_mode, flat_tensors, model_call
 from .apply import inverse_permutations, permute_in_place, random_permutations
 from .infer import infer
 
@@ -50,19 +50,6 @@ class CheckReport:
                 "barriers": len(self.barriers), "status": "ok" if self.ok else ("error" if self.error else "FAIL"),
                 "seconds": round(self.seconds, 2), "error": self.error,
                 "failing_spaces": list(self.failing_spaces)}
-
-
-def flat_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor leaf of a model output (tensor, tuple/list, dict, dataclass/ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in flat_tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in flat_tensors(v)]
-    if hasattr(out, "__dict__"):
-        return [t for v in vars(out).values() for t in flat_tensors(v)]
-    return []
 
 
 def perturb_(model: nn.Module, seed: int, small: int = 1 << 16) -> None:

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..ir.graph import PermutationGraph
-from ..ir.inputs import call_model, eval_mode, model_call
+from ..ir.inputs import call_model, eval_mode, flat_tensors, model_call
 from .apply import load_tensors, named_tensors, permutation_op, random_permutations, transform_params
 from .calls import PREFIX, Call, record_calls, same_signature, wrap_call
-from .check import check, flat_tensors, perturb_
+from .check import check, perturb_
 from .compose_report import AveragedPart, CompositionReport, UnitReport, Untraced
 from .infer import infer
 
