@@ -200,6 +200,8 @@ class _Solver:
         self._read = set()
         try:
             Cs = [self.similarity(s, alpha) for s in unit.spaces]
+            if self._head_observed(unit):
+                Cs.append(self.similarity(unit.head, alpha))
         finally:
             read, self._read = self._read, None
         deps = tuple((d, self.version.get(d, b"")) for d in sorted(read))
@@ -211,9 +213,22 @@ class _Solver:
         self._cache[key] = (deps, tuple(calls), score)
         return score
 
+    def _head_observed(self, unit: SolveUnit) -> bool:
+        """The head space of a blocked unit has units of its own (members, or activations such
+        as a conv's output channels whose weight is a flat parameter viewed as [out, in]): they
+        move with the block permutation, so they are evidence for it."""
+        if unit.head is None:
+            return False
+        head = self.pg.spaces[unit.head]
+        G = self.pg.spaces[unit.spaces[0]].blocks[0]
+        if head.fixed or G < 2 or head.size != G:
+            return False
+        return bool(head.members) or (self.stats is not None and unit.head in self.stats.corr)
+
     def _match(self, unit: SolveUnit, Cs: list[np.ndarray], alpha: float) -> float:
         """Match a unit through its family's :class:`Matcher`; the score is the mean similarity
-        of the units put together."""
+        of the units put together. A blocked unit whose head space is observed gets the head's
+        similarity as one more space of G blocks of one unit (its matching is the head's)."""
         pg, N, cfg, matcher = self.pg, self.N, self.cfg, self.matcher
         if unit.head is None:
             s, C = unit.spaces[0], Cs[0]
@@ -223,7 +238,11 @@ class _Solver:
         sp = [pg.spaces[s] for s in unit.spaces]
         G = sp[0].blocks[0]
         head_free = not pg.spaces[unit.head].fixed and G > 1
-        ms, head = matcher.blocks(Cs, N, G, [s.blocks[1] for s in sp], [s.within != "free" for s in sp], head_free, cfg)
+        gs, within = [s.blocks[1] for s in sp], [s.within != "free" for s in sp]
+        if len(Cs) > len(sp):  # the observed head: G blocks of 1
+            gs, within = gs + [1], within + [True]
+        ms, head = matcher.blocks(Cs, N, G, gs, within, head_free, cfg)
+        ms, Cs = ms[:len(sp)], Cs[:len(sp)]
         if head is not None and head.kind == "perms":
             self._set(unit.head, head)  # a permuted head first, as its spaces' blocks follow it
         for s, m in zip(unit.spaces, ms):

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..ir.graph import PermutationGraph, Tap
-from ..ir.layout import Plain, split_features
+from ..ir.graph import PermutationGraph, Structured, Tap
+from ..ir.layout import Plain, spaces_of, split_features
+from ..ir.values import TensorValue, value_of
 from ..ir.inputs import default_input_fn, eval_mode, graph_inputs
 from ..numerics import MomentAccumulator, PackedSymmetric, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401
 
@@ -102,8 +103,10 @@ def tap_features(value: torch.Tensor, tap: Tap, params: dict[str, torch.Tensor],
 
 
 def taps_by_space(pg: PermutationGraph) -> dict[int, list[Tap]]:
-    """Per free space, the taps that read it: inputs of `in` members, else producer outputs."""
-    from ..ir.layout import spaces_of
+    """Per free space, the taps that read it: inputs of `in` members, else producer outputs,
+    else (a space that no rule tapped: units read only by an op without a tap, such as an
+    einsum, or made inside a leaf module) the first activation in graph order that carries it
+    (:func:`value_taps`). A free space no activation carries has no statistics."""
     free = set(pg.free_spaces)
     chosen: dict[int, list[Tap]] = {}
     for kind in (pg.in_taps, pg.out_taps):
@@ -114,7 +117,44 @@ def taps_by_space(pg: PermutationGraph) -> dict[int, list[Tap]]:
                     found.setdefault(s, []).append(t)
         for s, ts in found.items():
             chosen[s] = list(dict.fromkeys(ts))
+    missing = {s for s in free - set(chosen) if pg.spaces[s].kind == "unit"}  # a head's units are its blocks
+    if missing:
+        for s, t in value_taps(pg, missing).items():
+            chosen[s] = [t]
     return chosen
+
+
+def value_taps(pg: PermutationGraph, spaces: Iterable[int]) -> dict[int, Tap]:
+    """For each of ``spaces``, a tap at the first floating activation (a value computed from
+    the model's inputs, not a weight) whose layout on some axis mentions it."""
+    want = set(spaces)
+    active: set[str] = set()
+    floating: set[str] = set()
+    for node in pg.gm.graph.nodes:
+        if node.op == "placeholder" or any(a.name in active for a in node.all_input_nodes):
+            active.add(node.name)
+        v = _value(node)
+        if isinstance(v, TensorValue) and v.dtype.is_floating_point:
+            floating.add(node.name)
+    out: dict[int, Tap] = {}
+    for name, axes in pg.values:
+        if name not in active or name not in floating:
+            continue
+        for k, lay in enumerate(axes):
+            if lay is None or isinstance(lay, Structured):
+                continue
+            for s in set(spaces_of(lay)) & want:
+                out.setdefault(s, Tap(name, k, lay))
+        if len(out) == len(want):
+            break
+    return out
+
+
+def _value(node: fx.Node) -> Any:
+    try:
+        return value_of(node)
+    except RuntimeError:
+        return None
 
 
 def tap_module(gm: fx.GraphModule, root: nn.Module, node_names: Sequence[str]) -> fx.GraphModule:

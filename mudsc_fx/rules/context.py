@@ -263,7 +263,13 @@ class InferContext:
         """Mark as input (unmerged with U) the axis of each source parameter that carries the
         same space as ``label``; an axis that cannot be told apart from another is fixed."""
         T = self._table
-        want = {T.find(s) for s in label_spaces(T.resolve_label(label))}
+        label = T.resolve_label(label)
+        if isinstance(label, Within):
+            # the within-block index of a blocked space: a source axis carrying that whole space
+            # (a flat [out * in] weight viewed as [out, in]) holds the head's units, block by
+            # block, so it stays an `out` axis
+            return
+        want = {T.find(s) for s in label_spaces(label)}
         if not want:
             return
         for use in sources:
