@@ -276,6 +276,51 @@ def test_a_flat_weight_viewed_as_out_by_in_is_averaged_by_zip_clusters():
         torch.testing.assert_close(merged.norm.weight.detach()[c].double(), gains[members].mean())
 
 
+class ComputedWeightHead(nn.Module):
+    """A Linear, then a readout weight applied in one of several forms: F.linear (the
+    reference), or a contraction of a weight computed in forward (fuzz seed 5270's addmm of a
+    transposed weight)."""
+
+    FORMS = ("linear", "matmul_t", "addmm_t", "einsum_scaled", "weight_first")
+
+    def __init__(self, form: str, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.form = form
+        self.l1 = nn.Linear(4, 6)
+        self.w = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        if self.form == "linear":
+            return F.linear(h, self.w)
+        if self.form == "matmul_t":
+            return h @ self.w.t()
+        if self.form == "addmm_t":
+            return torch.addmm(torch.zeros(3), h, self.w.t())
+        if self.form == "einsum_scaled":
+            return torch.einsum("bi,oi->bo", h, self.w * 1.0)
+        return (self.w @ h.t()).t()
+
+
+@pytest.mark.parametrize("form", ComputedWeightHead.FORMS[1:])
+def test_a_computed_weight_in_a_contraction_is_merged_as_an_input(form):
+    """The contracted axis of a weight computed in forward (``w.t()``, ``w * g``) consumes
+    units, as in F.linear: its source parameter's axis is an `in` axis. A zip merge with
+    uneven clusters gives the same merged tensors as the F.linear form (it averaged the
+    columns of a cluster instead of summing each model's)."""
+    merged = {}
+    for f in ("linear", form):
+        a, b = ComputedWeightHead(f, 0), ComputedWeightHead(f, 1)
+        pg = mf.infer(a, torch.randn(2, 4))
+        (hidden,) = {s for m in pg.members if m.fqn == "l1.weight" and m.axis == 0 for s in _spaces(m.layout)}
+        assert [m.role for m in pg.members if m.fqn == "w"] == ["in"]
+        labels = np.array([0, 0, 0, 2, 3, 4, 1, 2, 3, 4, 5, 5])  # clusters of 3, 1, 2, 2, 2 and 2 units
+        merged[f] = mf.rewrite([a, b], pg, Alignment({hidden: SpaceMatching.from_labels(labels, 2, 6)}, 2))
+    for k, t in merged["linear"].state_dict().items():
+        torch.testing.assert_close(merged[form].state_dict()[k], t, msg=k)
+
+
 # ---------------------------------------------------------------------------------------------
 # negative controls: the harness fails when the rule table is wrong
 class _Row:

@@ -87,6 +87,6 @@ def mean_scale(shape: torch.Size, members: tuple[Member, ...], spaces: Mapping[i
     if k is None:
         return 1.0 / N
     scale = torch.pow(float(N), k - 1.0)
-    if groups > 1:
-        scale = _compress_grouped(scale.expand(dense), groups)
+    if groups > 1:  # only the two grouped axes are expanded (a big grouped weight is GBs dense)
+        scale = _compress_grouped(scale.expand(dense[:2] + list(scale.shape[2:])), groups)
     return scale

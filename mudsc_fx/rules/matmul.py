@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import torch.fx as fx
 
@@ -71,15 +71,30 @@ def matmul(ctx: InferContext, node: fx.Node):
     return res
 
 
+def _mark_in(ctx: InferContext, operand: Any, axis: int, why: str) -> None:
+    """A contracted axis of a weight operand consumes units: a parameter's axis is marked
+    `in`, and so is the axis of every parameter a computed weight (``w.t()``, ``w * g``) is
+    made from that carries the same space (else a zip cluster would be averaged there, not
+    summed as an input)."""
+    use = ctx.use_of(operand)
+    if use is not None:
+        use.mark_in(axis)
+    elif ctx.is_tensor(operand):
+        sources = ctx.weight_sources(operand)
+        if sources:
+            ctx.mark_in_through(sources, ctx.tlabel(operand)[axis], why)
+
+
 def _mark_weight_operands(ctx, node, a, b, da, db, res: TensorLabel) -> None:
-    ua, ub = ctx.use_of(a), ctx.use_of(b)
-    if ub is not None and db >= 2:  # x @ W: W[k, m] consumes x's units and produces m units
-        ub.mark_in(db - 2)
-        ctx.tap(a, da - 1, ctx.tlabel(a)[-1])
-        ctx.producer(node, res[-1], value_of(node).shape[-1])
-        ctx.tap(node, len(res) - 1, res[-1], out=True)
-    if ua is not None and da >= 1:
-        ua.mark_in(da - 1)
+    why = f"contracted axis of a computed weight at {node.name}"
+    if db >= 2:  # x @ W: W[k, m] consumes x's units and produces m units
+        _mark_in(ctx, b, db - 2, why)
+        if ctx.use_of(b) is not None:
+            ctx.tap(a, da - 1, ctx.tlabel(a)[-1])
+            ctx.producer(node, res[-1], value_of(node).shape[-1])
+            ctx.tap(node, len(res) - 1, res[-1], out=True)
+    if da >= 1:
+        _mark_in(ctx, a, da - 1, why)
 
 
 def addmm(ctx: InferContext, node: fx.Node):
@@ -163,9 +178,7 @@ def einsum(ctx: InferContext, node: fx.Node):
         if c not in rhs:  # summed out: invariant (a contraction between operands was unified above)
             ctx.invariant(a)
     for t, o in zip(specs, ops):
-        use = ctx.use_of(o)
-        if use is not None:
-            for k, c in enumerate(t):
-                if c not in rhs:
-                    use.mark_in(k)
+        for k, c in enumerate(t):
+            if c not in rhs:
+                _mark_in(ctx, o, k, f"contracted axis of a computed weight at {node.name}")
     return TensorLabel(tuple(ctx.resolve(merged.get(c)) for c in rhs))
