@@ -161,13 +161,19 @@ class Scorer:
         idx = torch.randperm(len(ds.y_train), generator=g)[:VAL_IMAGES]
         self.x_val, self.y_val = ds.x_train[idx], ds.y_train[idx]
         self.probe = probe_batches(calib)
-        self.reference = [model_outputs(m, self.probe, default_input_fn) for m in models]
+        self.reference = [self.logits(model_outputs(m, self.probe, default_input_fn)) for m in models]
+
+    @torch.no_grad()
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """The proxies read what a classifier outputs: the shared head's logits (as
+        alpha="auto" does with ``alpha_output_fn=head``)."""
+        return self.head(emb.float()).double()
 
     def test(self, model) -> dict:
         return zoo.evaluate(model, self.head, self.ds.x_test, self.ds.y_test, self.tasks)
 
     def __call__(self, model) -> dict:
-        out = probe_outputs(copy.deepcopy(model), self.probe, default_input_fn)
+        out = self.logits(probe_outputs(copy.deepcopy(model), self.probe, default_input_fn))
         return {"test": self.test(model),
                 "val_joint": zoo.evaluate(model, self.head, self.x_val, self.y_val, self.tasks)["joint"],
                 "proxies": {name: fn(out, self.reference) for name, fn in PROXIES.items()}}
@@ -201,7 +207,7 @@ def run_disjoint(cfg, args, records, log):
             add(method, s["test"], seconds=dt, sweeps=sw)
         run_grid(merger, scored, score, {**base, "regime": "alpha_sweep"}, add, records)
         if p == 0:
-            check_library_search(models, calib, records, base, log)
+            check_library_search(models, calib, head, records, base, log)
         run_align_emr(models, calib, merger, ds, head, tasks, add)
         log(f"  pair {p}: tasks {[list(t) for t in tasks]}  seeds {seeds}  (statistics "
             f"{merger.seconds.get('statistics', 0.0):.1f}s, pair total {time.perf_counter() - t_pair:.0f}s)")
@@ -232,7 +238,7 @@ def run_grid(merger, scored, score, base, add, records) -> None:
                 **({"proxy": DEFAULT_PROXY} if how == "label-free" else {}))
 
 
-def check_library_search(models, calib, records, base, log) -> None:
+def check_library_search(models, calib, head, records, base, log) -> None:
     """The library's alpha="auto" from scratch (its own Merger, statistics and grid) must pick
     the alpha the benchmark's records pick; its time against one fresh mudsc_zip merge is the
     cost of the search."""
@@ -242,7 +248,7 @@ def check_library_search(models, calib, records, base, log) -> None:
         one = mf.Merger(models, calib).merge(dual)
         t_one = time.perf_counter() - t
         t = time.perf_counter()
-        auto = mf.Merger(models, calib).merge(dual, "auto")
+        auto = mf.Merger(models, calib).merge(dual, "auto", alpha_output_fn=head)
         t_auto = time.perf_counter() - t
         grid = {r["alpha"]: r["proxies"][DEFAULT_PROXY] for r in records
                 if r["regime"] == "alpha_sweep" and r["method"] == fam and r["pair"] == base["pair"]

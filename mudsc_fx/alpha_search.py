@@ -125,6 +125,24 @@ def relative_error(merged: torch.Tensor, sources: Sequence[torch.Tensor]) -> flo
     return -float(torch.stack([((merged - s) ** 2).sum(1) / (s ** 2).sum(1).clamp_min(1e-30) for s in sources]).mean())
 
 
+def _ensemble_probs(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([s.softmax(dim=1) for s in sources]).mean(dim=0)
+
+
+def ensemble_accuracy(merged: torch.Tensor, sources: Sequence[torch.Tensor]) -> float:
+    """Outputs read as class logits: how often the merged model's argmax is the ensemble's (the
+    mean of the source models' softmax probabilities). The ensemble is the best model the
+    source models make together without merging; its answers are pseudo-labels."""
+    return float((merged.argmax(dim=1) == _ensemble_probs(sources).argmax(dim=1)).double().mean())
+
+
+def ensemble_ce(merged: torch.Tensor, sources: Sequence[torch.Tensor]) -> float:
+    """Outputs read as class logits: minus the cross-entropy of the merged model's softmax
+    against the ensemble's probabilities (soft pseudo-labels; smoother than
+    :func:`ensemble_accuracy` on a few hundred samples)."""
+    return float((_ensemble_probs(sources) * merged.log_softmax(dim=1)).sum(dim=1).mean())
+
+
 #: Label-free scores of a merged model from its outputs and the source models' outputs on the
 #: calibration data (higher is better).
 PROXIES: dict[str, Callable[[torch.Tensor, Sequence[torch.Tensor]], float]] = {
@@ -133,8 +151,10 @@ PROXIES: dict[str, Callable[[torch.Tensor, Sequence[torch.Tensor]], float]] = {
     "confident_agreement": confident_agreement,
     "ensemble_agreement": ensemble_agreement,
     "relative_error": relative_error,
+    "ensemble_accuracy": ensemble_accuracy,
+    "ensemble_ce": ensemble_ce,
 }
-DEFAULT_PROXY = "best_agreement"
+DEFAULT_PROXY = "ensemble_ce"
 
 
 @torch.no_grad()
@@ -160,7 +180,7 @@ def labelled_score(model: nn.Module, val_data: Iterable, input_fn: Callable) -> 
 
 
 # ------------------------------------------------------------------------------ the search
-AUTO_OPTIONS = ("alpha_grid", "val_data", "score_fn", "alpha_proxy")
+AUTO_OPTIONS = ("alpha_grid", "val_data", "score_fn", "alpha_proxy", "alpha_output_fn")
 
 
 def pop_auto_options(alpha: Any, options: dict) -> dict:
@@ -177,12 +197,14 @@ def pop_auto_options(alpha: Any, options: dict) -> dict:
 def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] = None,
                  alpha_grid: Optional[Iterable[float]] = None, val_data: Optional[Iterable] = None,
                  score_fn: Optional[Callable[[nn.Module], float]] = None, alpha_proxy: str = DEFAULT_PROXY,
-                 reset_bn: bool = True, seed: int = 0, **options: Any):
+                 alpha_output_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, reset_bn: bool = True, seed: int = 0, **options: Any):
     """Merge with every alpha of ``alpha_grid`` from ``merger`` and return the best
     :class:`~mudsc_fx.merge.MergeResult` (``alpha``: the chosen one, ``alpha_scores``: grid
     point -> score). ``method``: a dual-space method (mudsc_align, mudsc_zip) or ``match=``;
     alpha 0 and 1 are the family's single-space rows. Labelled: ``score_fn(model)`` or the
-    accuracy on ``val_data``; else the proxy ``alpha_proxy`` on the calibration data."""
+    accuracy on ``val_data``; else the proxy ``alpha_proxy`` on the calibration data, read
+    through ``alpha_output_fn`` when given (``[samples, features]`` outputs -> what the proxy
+    reads, e.g. a fixed classification head that turns embeddings into logits)."""
     grid, proxy = alpha_grid, alpha_proxy
     if method is None:
         method = {"align": "mudsc_align", "zip": "mudsc_zip"}.get(match, "mudsc_zip") if match else "mudsc_zip"
@@ -199,6 +221,12 @@ def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] =
     labelled = score_fn is not None or val_data is not None
     if not labelled and proxy not in PROXIES:
         raise ValueError(f"unknown alpha_proxy {proxy!r}; choose one of {', '.join(PROXIES)}")
+    if alpha_output_fn is not None and not callable(alpha_output_fn):
+        raise ValueError(f"alpha_output_fn must be callable (outputs -> outputs), got {alpha_output_fn!r}")
+    if alpha_output_fn is not None and labelled:
+        raise ValueError("alpha_output_fn applies to the label-free proxy; with val_data= / score_fn= score the "
+                         "model directly")
+    view = _output_view(alpha_output_fn)
     if not labelled and merger.data is None:
         raise ValueError("alpha='auto' without labels scores merges on the calibration data: pass data "
                          "(or val_data= / score_fn=)")
@@ -206,7 +234,7 @@ def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] =
     fused = not labelled and options.get("stop_at") is None
     if not labelled:
         probe = probe_batches(merger.data) if fused else merger.data
-        reference = [model_outputs(m, probe, merger.input_fn) for m in merger.models]
+        reference = [view(model_outputs(m, probe, merger.input_fn)) for m in merger.models]
     scores: dict[float, float] = {}
     best, best_alpha = None, None
     bar = _progress_bar(len(grid), getattr(merger, "progress", False), method)
@@ -215,7 +243,7 @@ def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] =
             t = time.perf_counter()
             if fused:  # BatchNorm recomputed on the probe batches, outputs of the same pass
                 res = merger.merge(method, a, reset_bn=False, seed=seed, **options)
-                score = PROXIES[proxy](probe_outputs(res.model, probe, merger.input_fn, reset_bn), reference)
+                score = PROXIES[proxy](view(probe_outputs(res.model, probe, merger.input_fn, reset_bn)), reference)
             else:
                 res = merger.merge(method, a, reset_bn=reset_bn, seed=seed, **options)
                 if score_fn is not None:
@@ -223,7 +251,7 @@ def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] =
                 elif val_data is not None:
                     score = labelled_score(res.model, val_data, merger.input_fn)
                 else:
-                    score = PROXIES[proxy](model_outputs(res.model, merger.data, merger.input_fn), reference)
+                    score = PROXIES[proxy](view(model_outputs(res.model, merger.data, merger.input_fn)), reference)
             if not math.isfinite(score):
                 raise ValueError(f"alpha search: the score of alpha={a:g} is {score}")
             scores[a] = score
@@ -243,6 +271,23 @@ def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] =
     log.info("alpha search %s: chose alpha %g (%s) in %.1fs", method, best_alpha,
              "labelled score" if labelled else f"proxy {proxy}", seconds["alpha_search"])
     return replace(best, alpha=best_alpha, alpha_scores=scores, seconds=seconds)
+
+
+def _output_view(fn: Optional[Callable]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Outputs as the proxy reads them: ``fn`` applied to the float32 rows, back to float64."""
+    if fn is None:
+        return lambda out: out
+
+    @torch.no_grad()
+    def view(out: torch.Tensor) -> torch.Tensor:
+        try:
+            return _flat_outputs(fn(out.float()))
+        except ValueError:
+            raise
+        except Exception as err:
+            raise ValueError(f"alpha_output_fn failed on the model outputs of shape {tuple(out.shape)}: "
+                             f"{type(err).__name__}: {err}") from None
+    return view
 
 
 def probe_batches(data: Iterable, rows: int = PROBE_ROWS) -> list:
