@@ -93,7 +93,8 @@ def run(dataset: str = "digits", out: str | Path = "mudsc_fx_demo", seed: int = 
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = merger.merge(method, alpha, seed=seed)
+            # the models output embeddings; the label-free proxy reads the shared head's logits
+            res = merger.merge(method, alpha, seed=seed, **({"alpha_output_fn": head} if alpha else {}))
         dt = time.perf_counter() - t
         stage_times[name] = res.seconds
         score(name, res.model, dt, res.alpha if alpha else None)

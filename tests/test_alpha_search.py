@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import mudsc_fx as mf
-from mudsc_fx.alpha_search import DEFAULT_GRID, PROXIES, best_agreement, check_grid
+from mudsc_fx.alpha_search import (DEFAULT_GRID, PROXIES, best_agreement, check_grid, ensemble_accuracy, ensemble_ce,
+                                   model_outputs)
 
 
 def _models(bn=True, seed=0):
@@ -135,6 +136,47 @@ def test_proxies_prefer_outputs_that_agree_with_the_sources():
     # best agreement: each sample may side with the model it matches
     mixed = torch.cat([a[:25], b[25:]])
     assert best_agreement(mixed, [a, b]) == pytest.approx(1.0)
+
+
+def test_ensemble_proxies_score_against_the_source_models_mean_softmax():
+    """Slow reference: per sample, the ensemble's class is the argmax of the mean of the
+    sources' softmax; ensemble_ce is the mean of sum_c p_ens[c] * log_softmax(merged)[c]."""
+    g = torch.Generator().manual_seed(1)
+    a, b, m = (torch.randn(40, 5, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    hits, ce = 0, 0.0
+    for i in range(40):
+        pa, pb = np.exp(a[i].numpy()) / np.exp(a[i].numpy()).sum(), np.exp(b[i].numpy()) / np.exp(b[i].numpy()).sum()
+        p = (pa + pb) / 2
+        logq = m[i].numpy() - np.log(np.exp(m[i].numpy()).sum())
+        hits += int(np.argmax(m[i].numpy()) == np.argmax(p))
+        ce += float((p * logq).sum())
+    assert ensemble_accuracy(m, [a, b]) == pytest.approx(hits / 40)
+    assert ensemble_ce(m, [a, b]) == pytest.approx(ce / 40)
+    # a model that answers like the ensemble scores higher than one that answers like a single source
+    ens_logits = torch.log((a.softmax(1) + b.softmax(1)) / 2)
+    assert ensemble_ce(ens_logits, [a, b]) > ensemble_ce(a, [a, b])
+
+
+def test_alpha_output_fn_maps_outputs_before_the_proxy():
+    """The proxy reads head(outputs): the scores equal those computed by hand on every grid
+    point's merged model, and differ from the scores on the raw outputs."""
+    models, data = _models(bn=False), _data()
+    torch.manual_seed(5)
+    head = nn.Linear(4, 6)
+    grid = [0.0, 0.5, 1.0]
+    res = _merger(models, data).merge("mudsc_zip", "auto", alpha_grid=grid, alpha_output_fn=head)
+    raw = _merger(models, data).merge("mudsc_zip", "auto", alpha_grid=grid)
+    with torch.no_grad():
+        ref = [head(model_outputs(m, data, lambda x: x).float()).double() for m in models]
+        for a in grid:
+            merged = _merger(models, data).merge("mudsc_zip", a).model
+            out = head(model_outputs(merged, data, lambda x: x).float()).double()
+            assert res.alpha_scores[a] == pytest.approx(ensemble_ce(out, ref), rel=1e-6)
+    assert res.alpha_scores != raw.alpha_scores
+    with pytest.raises(ValueError, match="alpha_output_fn must be callable"):
+        _merger(models, data).merge("mudsc_zip", "auto", alpha_output_fn="head")
+    with pytest.raises(ValueError, match="alpha_output_fn failed on the model outputs of shape"):
+        _merger(models, data).merge("mudsc_zip", "auto", alpha_grid=[0.5], alpha_output_fn=nn.Linear(7, 2))
 
 
 def test_the_solve_cache_shared_by_merges_changes_no_result():

@@ -75,7 +75,8 @@ def test_merge_alpha_auto_prints_the_search(tmp_path, capsys):
     ck = _checkpoints(tmp_path, 2)
     out = tmp_path / "auto.pt"
     rc = main(["merge", "--arch", CNN, "--checkpoints", *ck, "--data", "cli_models:calibration",
-               "--method", "mudsc_zip", "--alpha", "auto", "--alpha-grid", "0,0.5,1", "-o", str(out)])
+               "--method", "mudsc_zip", "--alpha", "auto", "--alpha-grid", "0,0.5,1", "--alpha-proxy", "ensemble_accuracy",
+               "-o", str(out)])
     assert rc == 0 and out.exists()
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if ln.startswith("alpha search"))
@@ -87,6 +88,9 @@ def test_merge_alpha_auto_prints_the_search(tmp_path, capsys):
         (base + ["--method", "zipit", "--alpha", "auto"], "--alpha auto chooses alpha for the dual-space methods"),
         (base + ["--method", "mudsc_zip", "--alpha-grid", "0,1"], "--alpha-grid applies to --alpha auto only"),
         (base + ["--method", "mudsc_zip", "--alpha", "auto", "--alpha-grid", "0,2"], "alpha_grid values must be"),
+        (base + ["--method", "mudsc_zip", "--alpha-proxy", "ensemble_ce"], "--alpha-proxy applies to --alpha auto only"),
+        (base + ["--method", "mudsc_zip", "--alpha", "auto", "--alpha-proxy", "vibes"],
+         "--alpha-proxy 'vibes' is not a proxy; choose one of"),
     ]:
         assert main(argv) == 2, argv
         assert message in _one_error_line(capsys)

@@ -77,6 +77,9 @@ def add_parser(sub) -> None:
                                                "'auto' (chosen from a grid without labels, on the --data inputs)")
     s.add_argument("--alpha-grid", type=_grid, help="with --alpha auto: the alphas to try, e.g. 0,0.25,0.5,0.75,1 "
                                                     "(default 0, 0.1, ..., 1)")
+    s.add_argument("--alpha-proxy", help="with --alpha auto: the label-free score (default ensemble_ce: the outputs "
+                                         "are class logits, scored against the source models' ensemble; others: "
+                                         "ensemble_accuracy, best_agreement, relative_error, ...)")
     s.add_argument("--data", help="calibration inputs: a .pt tensor, a .npy array, a .npz holding one array (or one "
                                   "named 'x'), or module:function returning an iterable of batches")
     s.add_argument("--base", help="task-vector methods: the checkpoint the others were fine-tuned from")
@@ -196,9 +199,14 @@ def _run_matching(args) -> int:
     if not args.arch:
         return fail(f"--method {args.method} needs --arch (the model the checkpoints belong to)")
     auto = args.alpha == "auto"
-    if args.alpha_grid is not None and not auto:
-        return fail("--alpha-grid applies to --alpha auto only")
-    search = {"alpha_grid": args.alpha_grid} if auto and args.alpha_grid is not None else {}
+    for value, flag in ((args.alpha_grid, "--alpha-grid"), (args.alpha_proxy, "--alpha-proxy")):
+        if value is not None and not auto:
+            return fail(f"{flag} applies to --alpha auto only")
+    search = {k: v for k, v in (("alpha_grid", args.alpha_grid), ("alpha_proxy", args.alpha_proxy)) if v is not None}
+    if args.alpha_proxy is not None:
+        from ..alpha_search import PROXIES
+        if args.alpha_proxy not in PROXIES:
+            return fail(f"--alpha-proxy {args.alpha_proxy!r} is not a proxy; choose one of {', '.join(PROXIES)}")
     config = method_config(args.method, None if auto else args.alpha)  # bad alpha / method: before any work
     if auto and not (config.uses_weights and config.uses_activations):
         return fail(f"--alpha auto chooses alpha for the dual-space methods (mudsc_align, mudsc_zip), "
@@ -260,8 +268,9 @@ def _run_task_vectors(args) -> int:
         if name not in known:
             flags = ", ".join(_flag(n) for n in sorted(known)) or "none"
             return fail(f"{_flag(name)} does not apply to --method {args.method} (its options: {flags})")
-    if args.alpha is not None or args.alpha_grid is not None or args.report:
-        flag = "--alpha" if args.alpha is not None else "--alpha-grid" if args.alpha_grid is not None else "--report"
+    if args.alpha is not None or args.alpha_grid is not None or args.alpha_proxy is not None or args.report:
+        flag = ("--alpha" if args.alpha is not None else "--alpha-grid" if args.alpha_grid is not None
+                else "--alpha-proxy" if args.alpha_proxy is not None else "--report")
         return fail(f"{flag} applies to the matching methods, not --method {args.method}")
     options = method.resolve(given)
     output = check_output_path(args.output, method.output_suffixes, "-o")
