@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's mudsc_fx, installed or not
 OUT = ROOT / "benchmarks/results/zoo_timm_draw.json"
 
 
