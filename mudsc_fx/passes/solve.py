@@ -351,6 +351,11 @@ def solve(pg: PermutationGraph, stats: Optional[Statistics],
         return Alignment({}, N)
     solver = _Solver(pg, stats, tensors, cfg, cache)
     units = solve_units(pg)
+    if cfg.uses_activations and stats is not None:
+        unseen = [s for u in units for s in u.spaces if s not in stats.corr]
+        if unseen:
+            log.info("matching: no activation carries %s: matched on weights (blocks also on their head "
+                     "space's similarity)", ", ".join(f"S{s}" for s in unseen))
     rng = np.random.default_rng(seed)
     # initialisation: activations alone when the method uses them, else weights with
     # identity neighbours (Re-Basin starts from the identity and sweeps)
