@@ -197,7 +197,8 @@ def pop_auto_options(alpha: Any, options: dict) -> dict:
 def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] = None,
                  alpha_grid: Optional[Iterable[float]] = None, val_data: Optional[Iterable] = None,
                  score_fn: Optional[Callable[[nn.Module], float]] = None, alpha_proxy: str = DEFAULT_PROXY,
-                 alpha_output_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, reset_bn: bool = True, seed: int = 0, **options: Any):
+                 alpha_output_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 reset_bn: bool = True, seed: int = 0, **options: Any):
     """Merge with every alpha of ``alpha_grid`` from ``merger`` and return the best
     :class:`~mudsc_fx.merge.MergeResult` (``alpha``: the chosen one, ``alpha_scores``: grid
     point -> score). ``method``: a dual-space method (mudsc_align, mudsc_zip) or ``match=``;
@@ -281,12 +282,14 @@ def _output_view(fn: Optional[Callable]) -> Callable[[torch.Tensor], torch.Tenso
     @torch.no_grad()
     def view(out: torch.Tensor) -> torch.Tensor:
         try:
-            return _flat_outputs(fn(out.float()))
-        except ValueError:
-            raise
+            mapped = fn(out.float())
         except Exception as err:
             raise ValueError(f"alpha_output_fn failed on the model outputs of shape {tuple(out.shape)}: "
                              f"{type(err).__name__}: {err}") from None
+        if not isinstance(mapped, torch.Tensor) or mapped.dim() < 1 or mapped.shape[0] != out.shape[0]:
+            raise ValueError(f"alpha_output_fn must return one row per sample ({out.shape[0]} rows), got "
+                             f"{type(mapped).__name__}{tuple(mapped.shape) if isinstance(mapped, torch.Tensor) else ''}")
+        return _flat_outputs(mapped)
     return view
 
 

@@ -177,6 +177,11 @@ def test_alpha_output_fn_maps_outputs_before_the_proxy():
         _merger(models, data).merge("mudsc_zip", "auto", alpha_output_fn="head")
     with pytest.raises(ValueError, match="alpha_output_fn failed on the model outputs of shape"):
         _merger(models, data).merge("mudsc_zip", "auto", alpha_grid=[0.5], alpha_output_fn=nn.Linear(7, 2))
+    with pytest.raises(ValueError, match="alpha_output_fn must return one row per sample"):
+        _merger(models, data).merge("mudsc_zip", "auto", alpha_grid=[0.5], alpha_output_fn=lambda y: y.sum())
+    with pytest.raises(ValueError, match="alpha_output_fn applies to the label-free proxy"):
+        _merger(models, data).merge("mudsc_zip", "auto", alpha_grid=[0.5], alpha_output_fn=head,
+                                    score_fn=lambda m: 0.0)
 
 
 def test_the_solve_cache_shared_by_merges_changes_no_result():
