@@ -43,6 +43,13 @@ _MAX_ROWS = 4096  # output rows kept per model for the proxy
 PROBE_ROWS = 512  # calibration samples a grid point is scored on without labels
 
 
+def check_proxy(name: Any) -> str:
+    """``name`` if it names a label-free proxy of :data:`PROXIES`, else a clear error."""
+    if name not in PROXIES:
+        raise ValueError(f"unknown alpha_proxy {name!r}; choose one of {', '.join(PROXIES)}")
+    return name
+
+
 def check_grid(grid: Optional[Iterable[float]]) -> tuple[float, ...]:
     """The grid as sorted distinct floats in [0, 1] (``None``: :data:`DEFAULT_GRID`)."""
     if grid is None:
@@ -220,8 +227,8 @@ def search_alpha(merger, method: Optional[str] = None, *, match: Optional[str] =
     if score_fn is not None and val_data is not None:
         raise ValueError("pass either score_fn= or val_data=, not both")
     labelled = score_fn is not None or val_data is not None
-    if not labelled and proxy not in PROXIES:
-        raise ValueError(f"unknown alpha_proxy {proxy!r}; choose one of {', '.join(PROXIES)}")
+    if not labelled:
+        check_proxy(proxy)
     if alpha_output_fn is not None and not callable(alpha_output_fn):
         raise ValueError(f"alpha_output_fn must be callable (outputs -> outputs), got {alpha_output_fn!r}")
     if alpha_output_fn is not None and labelled:

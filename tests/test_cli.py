@@ -90,7 +90,7 @@ def test_merge_alpha_auto_prints_the_search(tmp_path, capsys):
         (base + ["--method", "mudsc_zip", "--alpha", "auto", "--alpha-grid", "0,2"], "alpha_grid values must be"),
         (base + ["--method", "mudsc_zip", "--alpha-proxy", "ensemble_ce"], "--alpha-proxy applies to --alpha auto only"),
         (base + ["--method", "mudsc_zip", "--alpha", "auto", "--alpha-proxy", "vibes"],
-         "--alpha-proxy 'vibes' is not a proxy; choose one of"),
+         "unknown alpha_proxy 'vibes'; choose one of"),
     ]:
         assert main(argv) == 2, argv
         assert message in _one_error_line(capsys)

@@ -203,17 +203,15 @@ def _run_matching(args) -> int:
         if value is not None and not auto:
             return fail(f"{flag} applies to --alpha auto only")
     search = {k: v for k, v in (("alpha_grid", args.alpha_grid), ("alpha_proxy", args.alpha_proxy)) if v is not None}
-    if args.alpha_proxy is not None:
-        from ..alpha_search import PROXIES
-        if args.alpha_proxy not in PROXIES:
-            return fail(f"--alpha-proxy {args.alpha_proxy!r} is not a proxy; choose one of {', '.join(PROXIES)}")
     config = method_config(args.method, None if auto else args.alpha)  # bad alpha / method: before any work
     if auto and not (config.uses_weights and config.uses_activations):
         return fail(f"--alpha auto chooses alpha for the dual-space methods (mudsc_align, mudsc_zip), "
                     f"not --method {args.method}")
     if auto:
-        from ..alpha_search import check_grid
+        from ..alpha_search import check_grid, check_proxy
         check_grid(args.alpha_grid)
+        if args.alpha_proxy is not None:
+            check_proxy(args.alpha_proxy)
     output = check_output_path(args.output, CHECKPOINT_SUFFIXES, "-o")
     from .. import views
     report = check_output_path(args.report, views.FILE_SUFFIXES, "--report") if args.report else None

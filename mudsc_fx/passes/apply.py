@@ -128,7 +128,9 @@ def _expand_grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
     return dense
 
 
-def _compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+def compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Dense [A, a*g, ...] -> its g diagonal blocks stacked as [A, a, ...] (the inverse of
+    :func:`_expand_grouped`)."""
     A, a = dense.shape[0], dense.shape[1] // groups
     per = A // groups
     return torch.cat([dense[h * per:(h + 1) * per, h * a:(h + 1) * a] for h in range(groups)], dim=0)
@@ -144,7 +146,7 @@ def transform_tensor(t: torch.Tensor, members: tuple[Member, ...], op: SpaceOp,
     for m in members:
         t = transform_axis(t, m.axis, m.layout, lambda s, x, ax, _r=m.role: op(s, x, ax, _r), space_size)
     if grouped:
-        t = _compress_grouped(t, grouped[0].groups)
+        t = compress_grouped(t, grouped[0].groups)
     return t
 
 

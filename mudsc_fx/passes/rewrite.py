@@ -19,7 +19,7 @@ from torch import nn
 from ..ir.graph import Member, PermutationGraph
 from ..ir.layout import layout_size, transform_axis
 from .alignment import Alignment, SpaceMatching
-from .apply import AlignmentOps, _compress_grouped, load_tensors, named_tensors, transform_tensor
+from .apply import AlignmentOps, compress_grouped, load_tensors, members_by_fqn, named_tensors, transform_tensor
 
 
 def rewrite(models: list[nn.Module], pg: PermutationGraph, alignment: Alignment) -> nn.Module:
@@ -30,13 +30,11 @@ def rewrite(models: list[nn.Module], pg: PermutationGraph, alignment: Alignment)
     for s, matching in alignment.spaces.items():
         table.set_matching(s, matching)
     ops = [table.op(i) for i in range(N)]
-    by_fqn: dict[str, list] = {}
-    for m in pg.members:
-        by_fqn.setdefault(m.fqn, []).append(m)
+    by_fqn = members_by_fqn(pg)
     merged_tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for fqn in pg.params:
-            members = tuple(sorted(by_fqn.get(fqn, ()), key=lambda m: m.axis))
+            members = by_fqn.get(fqn, ())
             dtype = tensors[0][fqn].dtype
             acc = None
             for i in range(N):
@@ -88,5 +86,5 @@ def mean_scale(shape: torch.Size, members: tuple[Member, ...], spaces: Mapping[i
         return 1.0 / N
     scale = torch.pow(float(N), k - 1.0)
     if groups > 1:  # only the two grouped axes are expanded (a big grouped weight is GBs dense)
-        scale = _compress_grouped(scale.expand(dense[:2] + list(scale.shape[2:])), groups)
+        scale = compress_grouped(scale.expand(dense[:2] + list(scale.shape[2:])), groups)
     return scale

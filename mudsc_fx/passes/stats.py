@@ -22,7 +22,7 @@ from torch import nn
 from .. import distributed
 from ..ir.graph import PermutationGraph, Structured, Tap
 from ..ir.layout import Plain, spaces_of, split_features
-from ..ir.values import TensorValue, value_of
+from ..ir.values import META_KEY, TensorValue
 from ..ir.inputs import default_input_fn, eval_mode, graph_inputs
 from ..numerics import MomentAccumulator, PackedSymmetric, Scratch, accumulator_bytes, mirror_lower_  # noqa: F401
 
@@ -133,7 +133,7 @@ def value_taps(pg: PermutationGraph, spaces: Iterable[int]) -> dict[int, Tap]:
     for node in pg.gm.graph.nodes:
         if node.op == "placeholder" or any(a.name in active for a in node.all_input_nodes):
             active.add(node.name)
-        v = _value(node)
+        v = node.meta.get(META_KEY)  # (nodes added after tracing have none)
         if isinstance(v, TensorValue) and v.dtype.is_floating_point:
             floating.add(node.name)
     out: dict[int, Tap] = {}
@@ -148,13 +148,6 @@ def value_taps(pg: PermutationGraph, spaces: Iterable[int]) -> dict[int, Tap]:
         if len(out) == len(want):
             break
     return out
-
-
-def _value(node: fx.Node) -> Any:
-    try:
-        return value_of(node)
-    except RuntimeError:
-        return None
 
 
 def tap_module(gm: fx.GraphModule, root: nn.Module, node_names: Sequence[str]) -> fx.GraphModule:

@@ -10,6 +10,7 @@ from ..ir.layout import Plain
 from ..ir.values import value_of
 from .context import AxisLabel, InferContext, TensorLabel, Within
 from .common import arg, broadcast, fallback, out_value
+from .layers import _operand
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,30 +72,24 @@ def matmul(ctx: InferContext, node: fx.Node):
     return res
 
 
-def _mark_in(ctx: InferContext, operand: Any, axis: int, why: str) -> None:
-    """A contracted axis of a weight operand consumes units: a parameter's axis is marked
-    `in`, and so is the axis of every parameter a computed weight (``w.t()``, ``w * g``) is
-    made from that carries the same space (else a zip cluster would be averaged there, not
-    summed as an input)."""
-    use = ctx.use_of(operand)
-    if use is not None:
-        use.mark_in(axis)
-    elif ctx.is_tensor(operand):
-        sources = ctx.weight_sources(operand)
-        if sources:
-            ctx.mark_in_through(sources, ctx.tlabel(operand)[axis], why)
+def _mark_in(ctx: InferContext, operand: Any, axis: int) -> None:
+    """A contracted axis of a weight operand consumes units: its parameter's axis, or the axes of
+    the parameters a computed weight (``w.t()``, ``w * g``) is made from, are marked `in` (else a
+    zip cluster would be averaged there, not summed as an input)."""
+    op = _operand(ctx, operand)
+    if op is not None:
+        op.mark_in(ctx, axis)
 
 
 def _mark_weight_operands(ctx, node, a, b, da, db, res: TensorLabel) -> None:
-    why = f"contracted axis of a computed weight at {node.name}"
     if db >= 2:  # x @ W: W[k, m] consumes x's units and produces m units
-        _mark_in(ctx, b, db - 2, why)
+        _mark_in(ctx, b, db - 2)
         if ctx.use_of(b) is not None:
             ctx.tap(a, da - 1, ctx.tlabel(a)[-1])
             ctx.producer(node, res[-1], value_of(node).shape[-1])
             ctx.tap(node, len(res) - 1, res[-1], out=True)
     if da >= 1:
-        _mark_in(ctx, a, da - 1, why)
+        _mark_in(ctx, a, da - 1)
 
 
 def addmm(ctx: InferContext, node: fx.Node):
@@ -180,5 +175,5 @@ def einsum(ctx: InferContext, node: fx.Node):
     for t, o in zip(specs, ops):
         for k, c in enumerate(t):
             if c not in rhs:
-                _mark_in(ctx, o, k, f"contracted axis of a computed weight at {node.name}")
+                _mark_in(ctx, o, k)
     return TensorLabel(tuple(ctx.resolve(merged.get(c)) for c in rhs))
